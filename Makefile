@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine (a virtual environment in .venv with the pinned stack):
+#   make demo   runs the main example
+#   make test   runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nsa-layers-installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "mindspore==2.9.0" -e ".[mindformers,test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/compress_packed_batch.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/bench_compress.py
+
+clean:
+	rm -rf $(VENV) output
