@@ -56,6 +56,12 @@ def rank(op, name, shape, expected, error):
         raise error(f"{op}: the rank of '{name}' must be {expected}, but got {len(shape)} (shape {tuple(shape)}).")
 
 
+def not_empty(op, name, shape, error):
+    """``error`` if ``shape`` has no elements."""
+    if 0 in tuple(shape):
+        raise error(f"{op}: '{name}' must not be an empty tensor, but got shape {tuple(shape)}.")
+
+
 def multiple_of_16(op, name, value, error):
     """``error`` unless ``value % 16 == 0``."""
     if value % 16 != 0:

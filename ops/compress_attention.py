@@ -97,7 +97,7 @@ def nsa_compress_attention(query, key, value, scale_value, head_num, compress_bl
             ``query``, ``key``, ``value`` differ or are not float16/bfloat16; a mask is not bool/uint8;
             ``scale_value`` not a float; an int argument not an int; a prefix-sum argument not a
             tuple/list of ints.
-        ValueError: any shape or value constraint above is broken (ranks, head counts and
+        ValueError: any shape or value constraint above is broken (ranks, empty tensors, head counts and
             ``head_num``, dimensions, block sizes, counts, prefix sums, mask shapes).
     """
     for name, arg in (("query", query), ("key", key), ("value", value)):
@@ -143,6 +143,8 @@ def _check_arguments(q_shape, q_dtype, k_shape, k_dtype, v_shape, v_dtype, scale
 
     for name, shape in (("query", q_shape), ("key", k_shape), ("value", v_shape)):
         _checks.rank(_OP, name, shape, 3, bad)
+    for name, shape in (("query", q_shape), ("key", k_shape), ("value", v_shape)):
+        _checks.not_empty(_OP, name, shape, bad)
     (t1, n1, d1), (t2, n2, dk), (tv, nv, d2) = q_shape, k_shape, v_shape
     if head_num <= 0 or head_num != n1:
         raise bad(f"{_OP}: 'head_num' must be positive and equal N1={n1} (query.shape[1]), but got {head_num}.")

@@ -90,7 +90,8 @@ def nsa_select_attention(query, key, value, topk_indices, scale_value, head_num,
             not bool/uint8; ``scale_value`` not a float; ``head_num``, ``select_block_size`` or
             ``select_block_count`` not an int; a prefix-sum argument not a tuple/list of ints.
         ValueError: ``query``, ``key`` or ``value`` not of rank 3 (as MindSpore's shape inference).
-        RuntimeError: dtypes of ``query``, ``key``, ``value`` differ; ``head_num != N1``; ``D_q != D_k``
+        RuntimeError: dtypes of ``query``, ``key``, ``value`` differ; an input tensor is empty;
+            ``head_num != N1``; ``D_q != D_k``
             or ``D_k < D_v``; ``key``/``value`` disagree on ``T2``/``N2``; ``N1 % N2 != 0`` or
             ``N1 / N2 > 32``; ``select_block_size != 64``; ``select_block_count != 16``;
             ``topk_indices`` shape not ``(T1, N2, select_block_count)``; prefix sums broken or with
@@ -133,6 +134,8 @@ def _check_arguments(q_shape, q_dtype, k_shape, k_dtype, v_shape, v_dtype, idx_s
 
     bad = RuntimeError
     _checks.same_dtype(_OP, ("query", "key", "value"), (q_dtype, k_dtype, v_dtype), bad)
+    for name, shape in (("query", q_shape), ("key", k_shape), ("value", v_shape), ("topk_indices", idx_shape)):
+        _checks.not_empty(_OP, name, shape, bad)
     (t1, n1, d1), (t2, n2, dk), (tv, nv, d2) = q_shape, k_shape, v_shape
     if head_num != n1:
         raise bad(f"{_OP}: 'head_num' must equal N1={n1} (query.shape[1]), but got {head_num}.")
@@ -178,7 +181,7 @@ def _fallback(query, key, value, topk, scale, block, causal, plan):
     count = topk.shape[2]
     group = n1 // n2
     in_range = ops.logical_and(topk >= 0, topk < plan[:, 2].reshape(t1, 1, 1))
-    _ASSERT(in_range.all(), [topk, plan[:, 2]])
+    topk = ops.depend(topk, _ASSERT(in_range.all(), [topk, plan[:, 2]]))
     q32, k32, v32 = (a.astype(ms.float32) for a in (query, key, value))
     k_rows, v_rows = k32.reshape(t2 * n2, d1), v32.reshape(t2 * n2, d2)
     offsets = ops.arange(0, block, dtype=ms.int32).reshape(1, 1, 1, block)

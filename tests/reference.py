@@ -50,7 +50,10 @@ def compress_grads(x, w, dy, prefix, block, stride):
 
 
 def round_to(values, dtype_name):
-    """Round float64 values to float16 / bfloat16 (round to nearest even) and back to float64."""
+    """Round float64 values to float16 / bfloat16 (round to nearest even) / float32 and back to
+    float64; ``"float64"`` leaves them unchanged."""
+    if dtype_name == "float64":
+        return np.asarray(values, np.float64)
     if dtype_name == "float32":
         return np.asarray(values, np.float32).astype(np.float64)
     if dtype_name == "float16":
@@ -144,3 +147,11 @@ def select_attention(q, k, v, topk, scale, block, qlen, kvlen, causal=False, dty
                 p, mx[t, h], sm[t, h] = _softmax_rows(s)
                 out[t, h] = round_to(p, dtype_name) @ v[rows, kh]
     return out, mx, sm
+
+
+def directional_derivative(fn, args, index, direction, eps=1e-4):
+    """Central difference of scalar ``fn(*args)`` along ``direction`` for argument ``index`` (float64)."""
+    plus, minus = list(args), list(args)
+    plus[index] = np.asarray(args[index], np.float64) + eps * direction
+    minus[index] = np.asarray(args[index], np.float64) - eps * direction
+    return (fn(*plus) - fn(*minus)) / (2 * eps)
