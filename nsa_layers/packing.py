@@ -221,7 +221,7 @@ def segment_ids_tensor(ends, total):
     """
     ends = _ends_tensor(ends)
     rows = ops.arange(0, total, dtype=ms.int32)
-    return (ends.reshape(1, -1) <= rows.reshape(-1, 1)).astype(ms.int32).sum(axis=1)
+    return (ends.reshape(1, -1) <= rows.reshape(-1, 1)).astype(ms.int32).sum(axis=1).astype(ms.int32)
 
 
 def positions_tensor(ends, total):

@@ -1,0 +1,90 @@
+"""nsa_layers.packing: host-side bookkeeping against explicit loops; normalisation; tensor versions."""
+
+import numpy as np
+import pytest
+import mindspore as ms
+from hypothesis import given, strategies as st
+
+from nsa_layers import packing
+
+import reference as ref
+from conftest import run
+from strategies import prefix_sums, segment_lengths
+
+
+@given(segment_lengths(max_segments=6, max_len=90), st.sampled_from([(16, 16), (32, 16), (48, 16), (64, 32)]),
+       st.sampled_from([32, 64]))
+def test_host_bookkeeping_matches_explicit_loops(lengths, block_stride, select_block):
+    block, stride = block_stride
+    prefix = prefix_sums(lengths)
+    segs = ref.segments(prefix)
+    assert packing.segment_starts(prefix).tolist() == [s for s, _ in segs]
+    assert packing.segment_lengths(prefix).tolist() == [e - s for s, e in segs]
+    windows = [s0 for s, e in segs for s0 in range(s, e - block + 1, stride)]
+    assert packing.window_starts(prefix, block, stride).tolist() == windows
+    counts = [len(range(s, e - block + 1, stride)) for s, e in segs]
+    assert packing.compressed_lengths(prefix, block, stride).tolist() == counts
+    assert packing.compressed_prefix_sums(prefix, block, stride) == tuple(np.cumsum(counts).tolist())
+    assert packing.selection_block_counts(prefix, select_block).tolist() == [
+        len(range(s, e, select_block)) for s, e in segs]
+    ids = [b for b, (s, e) in enumerate(segs) for _ in range(s, e)]
+    pos = [t - s for s, e in segs for t in range(s, e)]
+    assert packing.token_segment_ids(prefix).tolist() == ids
+    assert packing.token_positions(prefix).tolist() == pos
+
+
+@pytest.mark.parametrize("given_ends,total,expected", [
+    (None, 7, (7,)),                                                    # no prefix sums: one segment
+    ((3, 7), 7, (3, 7)),
+    ([0, 5, 12], 12, (5, 12)),                                          # leading 0
+    (np.array([16, 64, 64, 64, 80, 128, 128, 128]), 128, (16, 64, 80, 128)),  # MindFormers, 2 rows of 64, padded
+    (ms.Tensor(np.array([[300, 1000, 2048, 2048]], np.int32)), 2048, (300, 1000, 2048)),  # a tensor, 2-D
+    ((5,), 9, (5, 9)),                                                  # the remaining rows form a segment
+    ((), 4, (4,)),
+])
+def test_normalize_prefix_sums(given_ends, total, expected):
+    assert packing.normalize_prefix_sums(given_ends, total) == expected
+
+
+@pytest.mark.parametrize("given_ends,total,words", [
+    ((5, 3, 9), 9, "non-decreasing"),
+    ((-1, 9), 9, "non-negative"),
+    ((5, 10), 9, "must not exceed T=9"),
+    (np.array([1.5, 9.0]), 9, "integers"),
+])
+def test_normalize_prefix_sums_errors(given_ends, total, words):
+    with pytest.raises(ValueError, match=words):
+        packing.normalize_prefix_sums(given_ends, total)
+
+
+def test_strict_checks_name_the_rule():
+    with pytest.raises(RuntimeError, match="'seq' must be non-decreasing"):
+        packing.check_prefix_sums((4, 2), 4, "seq", "op")
+    with pytest.raises(ValueError, match="must be at most T=3"):
+        packing.check_prefix_sums((0, 4), 3, "seq", "op", ValueError, positive=False, last="at_most")
+    assert packing.check_prefix_sums((0, 3), 3, "seq", "op", positive=False) == (0, 3)
+    with pytest.raises(TypeError, match="'seq' must be a tuple or list of int"):
+        packing.as_int_tuple((1, True), "seq", "op")
+    assert packing.as_int_tuple([np.int64(2), 5], "seq", "op") == (2, 5)
+
+
+@pytest.mark.parametrize("raw", [
+    [16, 64, 64, 64, 80, 128, 128, 128],   # global offsets, padded with repeated values
+    [0, 5, 12, 12, 40, 128],               # leading 0 and a zero-length segment
+    [128],
+])
+def test_tensor_versions_match_host_versions(mode, raw):
+    total = 128
+    ends = ms.Tensor(np.array(raw, np.int32))
+    prefix = packing.normalize_prefix_sums(raw, total)
+
+    def fn(e):
+        return packing.segment_ids_tensor(e, total), packing.positions_tensor(e, total)
+
+    seg, pos = run(mode, fn, ends)
+    seg, pos = seg.asnumpy(), pos.asnumpy()
+    assert seg.dtype == np.int32 and pos.dtype == np.int32
+    assert np.array_equal(pos, packing.token_positions(prefix))
+    host = packing.token_segment_ids(prefix)
+    # ids may skip numbers (repeated ends) but two tokens share an id iff they share a segment
+    assert np.array_equal(seg[:, None] == seg[None, :], host[:, None] == host[None, :])
