@@ -95,9 +95,10 @@ def nsa_select_attention(query, key, value, topk_indices, scale_value, head_num,
             or ``D_k < D_v``; ``key``/``value`` disagree on ``T2``/``N2``; ``N1 % N2 != 0`` or
             ``N1 / N2 > 32``; ``select_block_size != 64``; ``select_block_count != 16``;
             ``topk_indices`` shape not ``(T1, N2, select_block_count)``; prefix sums broken or with
-            different batch counts; a mask not 2-D; and, when the op runs, an index outside
-            ``[0, ceil(S_kv_b / select_block_size))`` (MindSpore's ``Assert``: "assert failed",
-            with the offending indices printed).
+            different batch counts; a mask not 2-D; and, in the fallback when it runs, an index
+            outside ``[0, ceil(S_kv_b / select_block_size))`` (MindSpore's ``Assert``: "assert
+            failed", with the offending indices printed; under ``mindspore.jit`` the error surfaces
+            when the results are read). The Ascend kernel leaves such indices undefined.
     """
     for name, arg in (("query", query), ("key", key), ("value", value), ("topk_indices", topk_indices)):
         _checks.tensor(_OP, name, arg)

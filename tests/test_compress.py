@@ -130,7 +130,7 @@ def test_no_window_gives_empty_output_and_zero_gradients(mode):
 
 
 @pytest.mark.parametrize("block,stride", [(32, 16), (32, 32), (48, 16)])
-def test_gradients_match_finite_differences(block, stride):
+def test_gradients_match_finite_differences(mode, block, stride):
     """The float32 core: directional derivatives of a random scalar loss by central differences.
     The op is linear in each argument, so the difference quotient is exact up to float32 rounding."""
     rng = np.random.default_rng(4)
@@ -143,7 +143,7 @@ def test_gradients_match_finite_differences(block, stride):
     def loss(a, b):
         return (compress_windows(a, b, block, stride, prefix) * ms.Tensor(dy)).sum()
 
-    dx, dw = ms.grad(loss, grad_position=(0, 1))(ms.Tensor(x), ms.Tensor(w))
+    dx, dw = grads(mode, loss, (0, 1), ms.Tensor(x), ms.Tensor(w))
     for arg, grad in ((0, dx), (1, dw)):
         base = [x, w]
         v = random_normal(rng, base[arg].shape)

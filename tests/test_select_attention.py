@@ -123,6 +123,20 @@ def test_duplicate_blocks_count_twice():
     np.testing.assert_allclose(out[0, 0], expected, rtol=5e-3, atol=5e-3)
 
 
+def test_fully_masked_row_is_uniform_over_the_gathered_rows():
+    """Query 0 of a segment with only a future block selected: every score is -FLT_MAX before the
+    scale, so the probabilities are uniform over the 64 gathered rows (the kernel's arithmetic)."""
+    rng = np.random.default_rng(18)
+    q = to_ms(random_normal(rng, (2, 1, 16)), "float16")
+    k = to_ms(random_normal(rng, (128, 1, 16)), "float16")
+    v = ref.round_to(random_normal(rng, (128, 1, 16)), "float16")
+    idx = np.ones((2, 1, 16), np.int32)
+    out, mx, _ = _call(0.25, (2,), (128,), causal=True)(q, k, to_ms(v, "float16"), ms.Tensor(idx))
+    uniform = ref.round_to(np.full(64, 1 / 64), "float16")  # 16 copies of each row: still 1/64 each
+    np.testing.assert_allclose(to_np(out)[0, 0], uniform @ v[64:, 0] * 1.0, rtol=5e-3, atol=2e-3)
+    assert mx.asnumpy()[0, 0, 0] == np.float32(-ref.FLT_MAX * 0.25)
+
+
 def test_causal_mask_hides_later_positions():
     """With atten_mask present, a query never depends on KV rows after its own local index."""
     q, k, v, idx, scale, qlen, kvlen, _, dtype = _data(([20, 30], [100, 128], 1, 2, 16, 16, True, "float16", 4))
