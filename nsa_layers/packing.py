@@ -36,6 +36,9 @@ __all__ = [
     "selection_block_counts",
     "token_segment_ids",
     "token_positions",
+    "layout_tensors",
+    "max_windows",
+    "window_slots_tensor",
     "segment_ids_tensor",
     "positions_tensor",
 ]
@@ -205,37 +208,74 @@ def _ends_tensor(ends):
     return ends if ends.dtype == ms.int32 else ends.astype(ms.int32)
 
 
-def segment_ids_tensor(ends, total):
-    """Graph-safe segment id of every token from a prefix-sum tensor.
+def layout_tensors(ends, total):
+    """Graph-safe per-token layout from a prefix-sum tensor: segment id, position, start row, length.
 
-    Tolerates everything :func:`normalize_prefix_sums` does (leading 0, repeated values, padding),
-    because a token's id is the number of segment ends at or before it. Ids are not consecutive
-    when there are repeated ends, but two tokens share an id iff they share a segment.
+    Tolerates everything :func:`normalize_prefix_sums` does (leading 0, repeated values, padding, a
+    last value below ``total``: the remaining rows form one more segment), because each token's
+    segment is delimited by the nearest ends at or before it and after it. Segment ids are not
+    consecutive when there are repeated ends, but two tokens share an id iff they share a segment.
 
     Args:
         ends (Tensor): prefix sums, any integer dtype, any shape (flattened), values in ``[0, total]``.
         total (int): number of tokens ``T`` (static).
 
     Returns:
-        Tensor: ``(T,)`` int32.
+        tuple of four ``(T,)`` int32 tensors: ``(segment_id, position, start_row, segment_length)``.
     """
-    ends = _ends_tensor(ends)
-    rows = ops.arange(0, total, dtype=ms.int32)
-    return (ends.reshape(1, -1) <= rows.reshape(-1, 1)).astype(ms.int32).sum(axis=1).astype(ms.int32)
+    ends = _ends_tensor(ends).reshape(1, -1)
+    rows = ops.arange(0, total, dtype=ms.int32).reshape(-1, 1)
+    passed = ends <= rows  # (T, E): ends at or before each token
+    segment = passed.astype(ms.int32).sum(axis=1).astype(ms.int32)
+    start = ops.where(passed, ends, ops.zeros_like(ends)).max(axis=1)
+    end = ops.where(passed, ops.full_like(ends, total), ends).min(axis=1)
+    rows = rows.reshape(-1)
+    return segment, rows - start, start, end - start
+
+
+def segment_ids_tensor(ends, total):
+    """Graph-safe segment id of every token, ``(T,)`` int32 (see :func:`layout_tensors`)."""
+    return layout_tensors(ends, total)[0]
 
 
 def positions_tensor(ends, total):
-    """Graph-safe position of every token inside its segment from a prefix-sum tensor.
+    """Graph-safe position of every token inside its segment, ``(T,)`` int32 (see :func:`layout_tensors`)."""
+    return layout_tensors(ends, total)[1]
+
+
+def max_windows(total, num_ends, block, stride):
+    """Static bound on the compressed windows of ``total`` tokens in at most ``num_ends + 1`` segments.
+
+    Each segment of length ``L >= block`` has ``(L - block) // stride + 1 <= L // stride + 1`` windows,
+    and at most ``min(num_ends + 1, total // block)`` segments reach ``block`` tokens.
+    """
+    return max(1, total // stride + min(num_ends + 1, total // block))
+
+
+def window_slots_tensor(position, length, block, stride, slots):
+    """Graph-safe start rows of the compressed windows, in row order, padded to ``slots`` entries.
+
+    A window starts at every row whose in-segment position is a multiple of ``stride`` and whose
+    segment has ``block`` tokens from there on; windows never cross a segment boundary.
 
     Args:
-        ends (Tensor): prefix sums as in :func:`segment_ids_tensor`.
-        total (int): number of tokens ``T`` (static).
+        position (Tensor): ``(T,)`` int32 in-segment positions (from :func:`layout_tensors`).
+        length (Tensor): ``(T,)`` int32 segment length of each token.
+        slots (int): static number of slots, at least the number of windows (:func:`max_windows`).
 
     Returns:
-        Tensor: ``(T,)`` int32, the token's row minus the start row of its segment.
+        ``(start_rows, valid, is_start)``: ``(slots,)`` int32 window start rows (0 where invalid),
+        ``(slots,)`` bool, True for the real windows (which come first), and ``(T,)`` bool, True at
+        the rows where a window starts.
     """
-    ends = _ends_tensor(ends)
+    total = position.shape[0]
+    if total >= 2 ** 23:
+        raise ValueError(f"window_slots_tensor: T={total} is too large for the float32 sort key.")
+    starts = ops.logical_and(position % stride == 0, position + block <= length)
     rows = ops.arange(0, total, dtype=ms.int32)
-    passed = ends.reshape(1, -1) <= rows.reshape(-1, 1)
-    start = ops.where(passed, ends.reshape(1, -1), ops.zeros_like(ends).reshape(1, -1)).max(axis=1)
-    return rows - start
+    key = ops.where(starts, rows, rows + total).astype(ms.float32)  # windows first, in row order
+    if slots > total:
+        key = ops.cat((key, ops.full((slots - total,), 2.0 * total, dtype=ms.float32)))
+    ordered = ops.sort(key)[0][:slots].astype(ms.int32)
+    valid = ordered < total
+    return ops.where(valid, ordered, ops.zeros_like(ordered)), valid, starts

@@ -1,0 +1,161 @@
+"""``NativeSparseAttention``: the NSA core on packed batches (TND), exact to the paper.
+
+``o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` where, for a query at in-segment position
+``t`` (all three branches stay inside the query's segment):
+
+- ``o_cmp``: attention over the compressed windows that have ended (``i*d + l - 1 <= t``); 0 if none;
+- ``o_slc``: attention over the tokens (at positions ``<= t``) of the top-``n`` selection blocks,
+  scored from the compression probabilities by exact token overlap, summed over the KV group, with
+  the initial and local blocks forced;
+- ``o_win``: attention over the ``w`` tokens ending at ``t``.
+
+Everything runs with static shapes from the per-token layout (``packing.layout_tensors``), so it
+works in PyNative and in graph mode with the prefix sums as data (as MindFormers feeds them).
+Queries are processed in chunks of ``query_chunk_size``: no ``T x T`` tensor is built.
+"""
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+from mindspore.ops import constexpr
+
+from . import packing
+from .attention_math import group_queries, ungroup_outputs
+from .compressed_attention import CompressedAttention
+from .compressor import KVCompressor
+from .selected_attention import SelectedAttention
+from .selection import BlockSelector
+from .sliding_window import SlidingWindowAttention
+
+__all__ = ["NativeSparseAttention"]
+
+
+@constexpr
+def _host_prefix_sums(actual_seq_len, total):
+    """Prefix sums given as Python/NumPy values -> validated, normalised int32 tensor (host side)."""
+    return Tensor(np.asarray(packing.normalize_prefix_sums(actual_seq_len, total), np.int32))
+
+
+def _prefix_tensor(actual_seq_len, total):
+    if actual_seq_len is None:
+        return _host_prefix_sums(None, total)
+    if isinstance(actual_seq_len, Tensor):
+        return actual_seq_len.reshape(-1)
+    return _host_prefix_sums(tuple(np.asarray(actual_seq_len).reshape(-1).tolist()), total)
+
+
+class NativeSparseAttention(nn.Cell):
+    """The NSA core: compressors, the three branches and the gated sum, on packed batches.
+
+    Args:
+        config (NSAConfig): sizes; ``compute_dtype`` is used for all arithmetic.
+
+    Inputs:
+        q (Tensor): ``(T, H, Dq)``.
+        k, v (Tensor or tuple): keys ``(T, Hkv, Dq)`` and values ``(T, Hkv, Dv)`` shared by the three
+            branches, or 3-tuples ``(compressed, selected, window)`` of them (independent K/V).
+        gates (Tensor): ``(T, H, 3)`` gate values for (compressed, selected, window).
+        actual_seq_len: segment ends as prefix sums: ``None`` (one segment), a tuple/list/array, or an
+            int Tensor as MindFormers gives it (leading 0, repeated values and padding tolerated).
+
+    Outputs:
+        Tensor ``(T, H, Dv)`` in the dtype of ``q``.
+
+    Parameters: ``k_compressor`` and ``v_compressor`` (``KVCompressor``: per-head weights
+    ``(l, Hkv)``, initialised as mean pooling, and optional intra-block position embeddings).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.k_compressor = KVCompressor(config.compress_block_size, config.num_kv_heads, config.head_dim,
+                                         config.use_position_embedding)
+        self.v_compressor = KVCompressor(config.compress_block_size, config.num_kv_heads, config.v_head_dim,
+                                         config.use_position_embedding)
+        self.compressed_attention = CompressedAttention(config)
+        self.selector = BlockSelector(config)
+        self.selected_attention = SelectedAttention(config)
+        self.sliding_window = SlidingWindowAttention(config)
+
+    def branch_paths(self):
+        """Which implementation each branch runs: ``{"compress", "compressed_attention", "selection",
+        "selected_attention", "sliding_window"} -> "mindspore"`` (composite MindSpore ops; routing to
+        the Ascend NSA kernels is not wired yet)."""
+        return {name: "mindspore" for name in ("compress", "compressed_attention", "selection",
+                                              "selected_attention", "sliding_window")}
+
+    def construct(self, q, k, v, gates, actual_seq_len=None):
+        return self._forward(q, k, v, gates, actual_seq_len, False)[0]
+
+    def forward_with_details(self, q, k, v, gates, actual_seq_len=None):
+        """Like calling the cell, plus the branch outputs and the selection, for tests and diagnostics.
+
+        Returns:
+            ``(out, o_cmp, o_slc, o_win, blocks, valid)``: the three ``(T, H, Dv)`` branch outputs in the
+            compute dtype and the selected blocks ``(T, Hkv, n)`` int32 with their validity (bool).
+        """
+        return self._forward(q, k, v, gates, actual_seq_len, True)
+
+    def _branch_inputs(self, k, v):
+        dtype = self.config.ms_compute_dtype
+        if isinstance(k, (tuple, list)):
+            return tuple((kk.astype(dtype), vv.astype(dtype)) for kk, vv in zip(k, v))
+        k, v = k.astype(dtype), v.astype(dtype)
+        return (k, v), (k, v), (k, v)
+
+    def _forward(self, q, k, v, gates, actual_seq_len, details):
+        cfg = self.config
+        dtype = cfg.ms_compute_dtype
+        total = q.shape[0]
+        kv_heads = cfg.num_kv_heads
+        out_dtype = q.dtype
+        q = q.astype(dtype)
+        gates = gates.astype(dtype)
+        (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = self._branch_inputs(k, v)
+
+        # packed-sequence bookkeeping, once for every branch
+        ends = _prefix_tensor(actual_seq_len, total)
+        segment, position, start, length = packing.layout_tensors(ends, total)
+        slots = packing.max_windows(total, ends.shape[0], cfg.compress_block_size, cfg.compress_stride)
+        slot_rows, slot_valid, is_start = packing.window_slots_tensor(
+            position, length, cfg.compress_block_size, cfg.compress_stride, slots)
+        windows_before = ops.cumsum(is_start.astype(ms.int32), 0) - is_start.astype(ms.int32)
+        first_slot = ops.gather(windows_before, start, 0)  # slot of each segment's first window
+        slot_segment = ops.gather(segment, slot_rows, 0)
+        slot_last = ops.gather(position, slot_rows, 0) + (cfg.compress_block_size - 1)
+        keys_cmp = self.k_compressor(k_cmp, slot_rows).transpose(1, 0, 2)  # (Hkv, S, Dq)
+        values_cmp = self.v_compressor(v_cmp, slot_rows).transpose(1, 0, 2)
+        row_ids = ops.arange(0, total, dtype=ms.int32)
+
+        outs, branch_outs, selections = [], [], []
+        for c0 in range(0, total, cfg.query_chunk_size):
+            c1 = min(total, c0 + cfg.query_chunk_size)
+            rows = c1 - c0
+            q_chunk = q[c0:c1]
+            q_grouped = group_queries(q_chunk, kv_heads)
+            seg_q, pos_q, start_q = segment[c0:c1], position[c0:c1], start[c0:c1]
+            # windows starting before row c1 are the first slots (they are in row order)
+            reach = min(slots, packing.max_windows(c1, ends.shape[0], cfg.compress_block_size, cfg.compress_stride))
+            o_cmp, probs = self.compressed_attention(
+                q_grouped, keys_cmp[:, :reach], values_cmp[:, :reach], slot_segment[:reach], slot_last[:reach],
+                slot_valid[:reach], seg_q, pos_q)
+            num_blocks = (c1 - 1) // cfg.select_block_size + 1
+            blocks, valid = self.selector(probs, first_slot[c0:c1], pos_q, num_blocks)
+            o_slc = self.selected_attention(q_chunk, k_slc, v_slc, blocks, valid, start_q, pos_q)
+            r0 = max(0, c0 - cfg.window_size + 1)
+            o_win = self.sliding_window(q_grouped, k_win[r0:c1], v_win[r0:c1], segment[r0:c1], row_ids[r0:c1],
+                                        seg_q, row_ids[c0:c1])
+            o_cmp = ungroup_outputs(o_cmp, rows)
+            o_win = ungroup_outputs(o_win, rows)
+            g = gates[c0:c1]
+            outs.append(g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win)
+            if details:
+                branch_outs.append((o_cmp, o_slc, o_win))
+                selections.append((blocks.transpose(1, 0, 2), valid.transpose(1, 0, 2)))
+        out = ops.cat(outs, 0).astype(out_dtype)
+        if not details:
+            return (out,)
+        o_cmp, o_slc, o_win = (ops.cat([b[i] for b in branch_outs], 0) for i in range(3))
+        blocks = ops.cat([s[0] for s in selections], 0)
+        valid = ops.cat([s[1] for s in selections], 0)
+        return out, o_cmp, o_slc, o_win, blocks, valid

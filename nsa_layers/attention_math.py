@@ -1,0 +1,44 @@
+"""Attention arithmetic shared by the NSA branches: GQA grouping and the masked softmax.
+
+Shapes: a chunk of ``C`` queries ``(C, H, D)`` with ``H = Hkv * G`` heads, head ``n`` reading KV head
+``n // G`` (blocked grouping, as MindFormers and the Ascend kernels).
+"""
+
+import mindspore as ms
+from mindspore import ops
+
+__all__ = ["MASKED", "group_queries", "ungroup_outputs", "masked_softmax"]
+
+# Score of a masked key: finite, so no inf - inf; exp(MASKED - row max) is exactly 0 in float32.
+MASKED = -1e30
+
+
+def group_queries(q, kv_heads):
+    """``(C, H, D)`` -> ``(Hkv, G * C, D)``: the queries of each KV head, rows ordered (g, c)."""
+    rows, heads, dim = q.shape
+    group = heads // kv_heads
+    return q.reshape(rows, kv_heads, group, dim).transpose(1, 2, 0, 3).reshape(kv_heads, group * rows, dim)
+
+
+def ungroup_outputs(out, rows):
+    """``(Hkv, G * C, Dv)`` -> ``(C, H, Dv)``, the inverse of :func:`group_queries`."""
+    kv_heads, grouped, dim = out.shape
+    group = grouped // rows
+    return out.reshape(kv_heads, group, rows, dim).transpose(2, 0, 1, 3).reshape(rows, kv_heads * group, dim)
+
+
+def masked_softmax(scores, visible):
+    """Softmax over the last axis restricted to ``visible`` keys.
+
+    Masked keys get probability exactly 0 (so outputs never depend on them); a row with no visible
+    key gets all-zero probabilities and a zero gradient (no NaN, no uniform average).
+
+    Args:
+        scores (Tensor): ``(..., K)`` float.
+        visible (Tensor): bool, broadcastable to ``scores``.
+    """
+    visible = ops.broadcast_to(visible, scores.shape)
+    masked = ops.masked_fill(scores, ops.logical_not(visible), MASKED)
+    expo = ops.exp(masked - masked.max(axis=-1, keepdims=True))
+    probs = expo / expo.sum(axis=-1, keepdims=True)
+    return probs * visible.any(axis=-1, keep_dims=True).astype(probs.dtype)

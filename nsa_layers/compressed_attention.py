@@ -1,0 +1,45 @@
+"""Compressed-attention branch: each query attends to the compressed windows of its own segment
+that have ended (window ``i`` is visible to in-segment position ``t`` iff ``i*d + l - 1 <= t``)."""
+
+from mindspore import mint, nn, ops
+
+from .attention_math import masked_softmax
+
+__all__ = ["CompressedAttention"]
+
+
+class CompressedAttention(nn.Cell):
+    """Softmax attention over compressed keys with NSA's causal rule.
+
+    A query that sees no window (``t < l - 1``) outputs exactly 0 with zero gradients.
+
+    Args:
+        config (NSAConfig): sizes.
+
+    Inputs:
+        q (Tensor): ``(Hkv, G*C, Dq)`` grouped queries of a chunk (``attention_math.group_queries``).
+        k (Tensor): ``(Hkv, S, Dq)`` compressed keys; ``v``: ``(Hkv, S, Dv)`` compressed values.
+        slot_segment, slot_last, slot_valid (Tensor): ``(S,)`` segment id, in-segment position of the
+            last token, and validity of each compressed window.
+        segment, position (Tensor): ``(C,)`` the queries' segment ids and in-segment positions.
+
+    Outputs:
+        ``(out (Hkv, G*C, Dv), probs (Hkv, G, C, S))``: float, the probabilities for block selection.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.scale = config.scale
+        self.bmm_transpose_b = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, q, k, v, slot_segment, slot_last, slot_valid, segment, position):
+        kv_heads, grouped, _ = q.shape
+        rows = segment.shape[0]
+        slots = k.shape[1]
+        visible = ops.logical_and(
+            ops.logical_and(slot_valid.reshape(1, -1), slot_segment.reshape(1, -1) == segment.reshape(-1, 1)),
+            slot_last.reshape(1, -1) <= position.reshape(-1, 1))
+        scores = (self.bmm_transpose_b(q, k) * self.scale).reshape(kv_heads, grouped // rows, rows, slots)
+        probs = masked_softmax(scores, visible)
+        out = mint.bmm(probs.reshape(kv_heads, grouped, slots), v)
+        return out, probs

@@ -1,0 +1,55 @@
+"""K/V compressor: NSA's learnable per-head block compression (paper Eq. 7) on packed segments."""
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+__all__ = ["KVCompressor"]
+
+
+class KVCompressor(nn.Cell):
+    r"""Compress keys or values window by window with learnable per-head weights.
+
+    For a window of ``block`` rows starting at row ``s`` (inside one segment):
+
+    .. math:: \phi(x)[h] = \sum_{j < \text{block}} w[j, h] \, (x[s + j, h] + pe[j, h])
+
+    which is ``nsa_compress(x, w)`` plus the per-head bias ``sum_j w[j, h] pe[j, h]`` (the
+    position embedding applied exactly, folded into a bias). ``w`` starts as mean pooling
+    (``1 / block``); ``pe`` (optional) starts at 0.
+
+    Args:
+        block (int): window length ``l``.
+        kv_heads (int): heads ``Hkv``.
+        dim (int): head dimension ``D``.
+        use_position_embedding (bool): learn ``pe (block, Hkv, D)``.
+
+    Inputs:
+        x (Tensor): ``(T, Hkv, D)`` float.
+        start_rows (Tensor): ``(S,)`` int32 window start rows (``packing.window_slots_tensor``).
+
+    Outputs:
+        Tensor ``(S, Hkv, D)``: one compressed row per slot (rows of invalid slots are meaningless).
+    """
+
+    def __init__(self, block, kv_heads, dim, use_position_embedding=True):
+        super().__init__()
+        self.block = block
+        self.weight = Parameter(Tensor(np.full((block, kv_heads), 1.0 / block, np.float32)), name="weight")
+        self.position_embedding = None
+        if use_position_embedding:
+            self.position_embedding = Parameter(Tensor(np.zeros((block, kv_heads, dim), np.float32)),
+                                                name="position_embedding")
+        self.offsets = Tensor(np.arange(block, dtype=np.int32))
+
+    def construct(self, x, start_rows):
+        total, heads, dim = x.shape
+        slots = start_rows.shape[0]
+        rows = ops.minimum(start_rows.reshape(-1, 1) + self.offsets.reshape(1, -1), total - 1)
+        windows = ops.gather(x, rows.reshape(-1), 0).reshape(slots, self.block, heads, dim)
+        weight = self.weight.astype(x.dtype)
+        out = (windows * weight.reshape(1, self.block, heads, 1)).sum(axis=1)
+        if self.position_embedding is not None:
+            bias = (self.position_embedding.astype(x.dtype) * weight.reshape(self.block, heads, 1)).sum(axis=0)
+            out = out + bias.reshape(1, heads, dim)
+        return out
