@@ -1,11 +1,26 @@
 """nsa-layers: Native Sparse Attention (DeepSeek, arXiv 2502.11089) for MindSpore.
 
-Sub-packages and modules:
-
 - ``nsa_layers.ops``: the MindSpore NSA ops (``nsa_compress``, ``nsa_compress_attention``,
   ``nsa_select_attention``): the Ascend kernel on Ascend, an exact pure-MindSpore fallback elsewhere.
 - ``nsa_layers.packing``: packed variable-length batch (TND, prefix-sum ``actual_seq_len``) bookkeeping
   shared by every op and layer.
+- The layers: :class:`NSAConfig`, :class:`NativeSparseAttention` (the core), :class:`NSASelfAttention`
+  and the building blocks (:class:`KVCompressor`, :class:`CompressedAttention`, :class:`BlockSelector`,
+  :class:`SelectedAttention`, :class:`SlidingWindowAttention`, :class:`NSAGate`, :class:`RotaryEmbedding`).
 """
 
+from .config import NSAConfig
+from .compressor import KVCompressor
+from .compressed_attention import CompressedAttention
+from .selection import BlockSelector
+from .selected_attention import SelectedAttention
+from .sliding_window import SlidingWindowAttention
+from .gate import NSAGate
+from .rotary import RotaryEmbedding
+from .attention import NativeSparseAttention
+from .self_attention import NSASelfAttention
+
 __version__ = "0.1.0"
+
+__all__ = ["NSAConfig", "KVCompressor", "CompressedAttention", "BlockSelector", "SelectedAttention",
+           "SlidingWindowAttention", "NSAGate", "RotaryEmbedding", "NativeSparseAttention", "NSASelfAttention"]

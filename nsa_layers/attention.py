@@ -14,10 +14,8 @@ works in PyNative and in graph mode with the prefix sums as data (as MindFormers
 Queries are processed in chunks of ``query_chunk_size``: no ``T x T`` tensor is built.
 """
 
-import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
-from mindspore.ops import constexpr
+from mindspore import nn, ops
 
 from . import packing
 from .attention_math import group_queries, ungroup_outputs
@@ -28,20 +26,6 @@ from .selection import BlockSelector
 from .sliding_window import SlidingWindowAttention
 
 __all__ = ["NativeSparseAttention"]
-
-
-@constexpr
-def _host_prefix_sums(actual_seq_len, total):
-    """Prefix sums given as Python/NumPy values -> validated, normalised int32 tensor (host side)."""
-    return Tensor(np.asarray(packing.normalize_prefix_sums(actual_seq_len, total), np.int32))
-
-
-def _prefix_tensor(actual_seq_len, total):
-    if actual_seq_len is None:
-        return _host_prefix_sums(None, total)
-    if isinstance(actual_seq_len, Tensor):
-        return actual_seq_len.reshape(-1)
-    return _host_prefix_sums(tuple(np.asarray(actual_seq_len).reshape(-1).tolist()), total)
 
 
 class NativeSparseAttention(nn.Cell):
@@ -114,7 +98,7 @@ class NativeSparseAttention(nn.Cell):
         (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = self._branch_inputs(k, v)
 
         # packed-sequence bookkeeping, once for every branch
-        ends = _prefix_tensor(actual_seq_len, total)
+        ends = packing.prefix_sums_tensor(actual_seq_len, total)
         segment, position, start, length = packing.layout_tensors(ends, total)
         slots = packing.max_windows(total, ends.shape[0], cfg.compress_block_size, cfg.compress_stride)
         slot_rows, slot_valid, is_start = packing.window_slots_tensor(

@@ -23,6 +23,7 @@ import numbers
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
+from mindspore.ops import constexpr
 
 __all__ = [
     "as_int_tuple",
@@ -36,6 +37,7 @@ __all__ = [
     "selection_block_counts",
     "token_segment_ids",
     "token_positions",
+    "prefix_sums_tensor",
     "layout_tensors",
     "max_windows",
     "window_slots_tensor",
@@ -201,6 +203,26 @@ def token_positions(prefix):
     lengths = segment_lengths(prefix)
     total = int(lengths.sum())
     return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
+
+
+@constexpr
+def _host_prefix_sums_tensor(actual_seq_len, total):
+    return Tensor(np.asarray(normalize_prefix_sums(actual_seq_len, total), np.int32))
+
+
+def prefix_sums_tensor(actual_seq_len, total):
+    """Prefix sums for the layers as a flat int tensor, in graph mode too.
+
+    ``None`` and Python/NumPy sequences are validated and normalised on the host
+    (:func:`normalize_prefix_sums`, at compile time under ``mindspore.jit``); a ``Tensor`` (data in a
+    compiled graph, as MindFormers feeds it) is flattened and used as it is: :func:`layout_tensors`
+    tolerates its leading 0, repeated values and padding.
+    """
+    if isinstance(actual_seq_len, Tensor):
+        return actual_seq_len.reshape(-1)
+    if actual_seq_len is not None:
+        actual_seq_len = tuple(np.asarray(actual_seq_len).reshape(-1).tolist())
+    return _host_prefix_sums_tensor(actual_seq_len, total)
 
 
 def _ends_tensor(ends):

@@ -1,0 +1,66 @@
+"""``NSASelfAttention``: hidden states in, hidden states out, with NSA as the attention."""
+
+from mindspore import nn
+
+from . import packing
+from .attention import NativeSparseAttention
+from .gate import NSAGate
+
+__all__ = ["NSASelfAttention"]
+
+
+class NSASelfAttention(nn.Cell):
+    """Q/K/V projections, an optional rotary hook, the gate, the NSA core and the output projection.
+
+    With ``config.independent_kv`` the key and value projections produce one K/V per branch
+    (compressed, selected, window), as the paper prescribes; otherwise one K/V shared by the three.
+
+    Args:
+        config (NSAConfig): sizes.
+        rotary (Cell, optional): called as ``rotary(x, positions)`` on the queries ``(T, H, Dq)`` and on
+            every key tensor ``(T, Hkv, Dq)`` before compression, with ``positions`` the in-segment
+            positions (or ``position_ids`` when given); e.g. :class:`nsa_layers.RotaryEmbedding`.
+
+    Inputs:
+        hidden_states (Tensor): ``(T, hidden_size)`` packed tokens.
+        actual_seq_len: keyword, prefix sums as MindFormers gives them (tuple/list/array/int Tensor),
+            or ``None`` for one segment.
+        position_ids (Tensor, optional): keyword, ``(T,)`` positions for the rotary hook.
+
+    Outputs:
+        Tensor ``(T, hidden_size)`` in the dtype of ``hidden_states``.
+    """
+
+    def __init__(self, config, rotary=None):
+        super().__init__()
+        self.config = config
+        self.kv_sets = 3 if config.independent_kv else 1
+        heads, kv_heads = config.num_heads, config.num_kv_heads
+        self.q_proj = nn.Dense(config.hidden_size, heads * config.head_dim, has_bias=False)
+        self.k_proj = nn.Dense(config.hidden_size, self.kv_sets * kv_heads * config.head_dim, has_bias=False)
+        self.v_proj = nn.Dense(config.hidden_size, self.kv_sets * kv_heads * config.v_head_dim, has_bias=False)
+        self.gate = NSAGate(config.hidden_size, heads)
+        self.core = NativeSparseAttention(config)
+        self.out_proj = nn.Dense(heads * config.v_head_dim, config.hidden_size, has_bias=False)
+        self.rotary = rotary
+
+    def construct(self, hidden_states, actual_seq_len=None, position_ids=None):
+        cfg = self.config
+        total = hidden_states.shape[0]
+        x = hidden_states.astype(cfg.ms_compute_dtype)
+        ends = packing.prefix_sums_tensor(actual_seq_len, total)
+        q = self.q_proj(x).reshape(total, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(total, self.kv_sets, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(total, self.kv_sets, cfg.num_kv_heads, cfg.v_head_dim)
+        keys = [k[:, i] for i in range(self.kv_sets)]
+        values = [v[:, i] for i in range(self.kv_sets)]
+        if self.rotary is not None:
+            positions = position_ids.reshape(-1) if position_ids is not None else packing.positions_tensor(ends, total)
+            q = self.rotary(q, positions)
+            keys = [self.rotary(key, positions) for key in keys]
+        if self.kv_sets == 3:
+            out = self.core(q, tuple(keys), tuple(values), self.gate(x), ends)
+        else:
+            out = self.core(q, keys[0], values[0], self.gate(x), ends)
+        out = self.out_proj(out.reshape(total, cfg.num_heads * cfg.v_head_dim))
+        return out.astype(hidden_states.dtype)

@@ -1,0 +1,220 @@
+"""NativeSparseAttention against the float64 reference; causality, segment isolation, gradients."""
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor
+from hypothesis import given, settings, strategies as st
+
+from nsa_layers import NSAConfig
+
+from conftest import random_normal
+from nsa_cases import BRANCHES, Case, as_numpy, assert_close, assert_selection_equivalent, small_config
+
+
+@st.composite
+def _cases(draw):
+    kv_heads, group = draw(st.sampled_from([(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)]))
+    init, local = draw(st.integers(0, 1)), draw(st.integers(1, 2))
+    cfg = small_config(
+        num_heads=kv_heads * group, num_kv_heads=kv_heads,
+        head_dim=draw(st.sampled_from([8, 16])), v_head_dim=draw(st.sampled_from([8, 16])),
+        compress_block_size=draw(st.sampled_from([4, 8])), select_block_count=draw(st.integers(init + local, 4)),
+        num_init_blocks=init, num_local_blocks=local,
+        window_size=draw(st.integers(1, 20)), query_chunk_size=draw(st.sampled_from([16, 40, 200])),
+        use_position_embedding=draw(st.booleans()))
+    n = draw(st.integers(1, 4))
+    lengths = draw(st.lists(st.integers(0, 70), min_size=n, max_size=n))
+    if sum(lengths) == 0:
+        lengths[0] = draw(st.integers(1, 70))
+    return cfg, lengths, draw(st.booleans()), draw(st.integers(0, 2 ** 31))
+
+
+@given(_cases())
+def test_matches_reference_on_random_packed_layouts(case):
+    """Every branch and the gated output, on layouts with zero-length segments, segments shorter
+    than a block, GQA groups 1/2/4, head_dim != v_head_dim, shared or independent K/V."""
+    cfg, lengths, shared, seed = case
+    c = Case(cfg, lengths, seed, shared_kv=shared)
+    out, branches, selected = c.run()
+    _, _, ref_selected, importance = c.reference()
+    assert_selection_equivalent(selected, ref_selected, importance)
+    ref_out, ref_branches, _, _ = c.reference(selected=selected)
+    for name in BRANCHES:
+        assert_close(branches[name], ref_branches[name])
+    assert_close(out, ref_out)
+
+
+def test_paper_sizes_match_reference():
+    """l=32, d=16, l'=64, n=16 (1 initial + 2 local), with a window of 40 and a GQA group of 4."""
+    cfg = NSAConfig(hidden_size=64, num_heads=4, num_kv_heads=1, head_dim=16, v_head_dim=8, window_size=40,
+                    query_chunk_size=128)
+    c = Case(cfg, [300, 20, 0, 200], seed=5)
+    out, branches, selected = c.run()
+    _, _, ref_selected, importance = c.reference()
+    assert_selection_equivalent(selected, ref_selected, importance)
+    ref_out, ref_branches, _, _ = c.reference(selected=selected)
+    for name in BRANCHES:
+        assert_close(branches[name], ref_branches[name])
+    assert_close(out, ref_out)
+    # a query late in a 300-token segment has 5 blocks: all selected, 11 slots empty
+    assert sorted(selected[(299, 0)]) == [0, 1, 2, 3, 4]
+
+
+def test_graph_mode_with_mindformers_prefix_sums():
+    """Compiled, with the prefix sums as a tensor as MindFormers gives them (leading 0, padding)."""
+    c = Case(small_config(query_chunk_size=200), [30, 5, 41], seed=6)
+    eager = c.run()
+    ends = Tensor(np.array([0, 30, 35, 76, 76, 76], np.int32))
+    q, k, v, gates = c.tensors()
+
+    def details(q_, g_, e_):
+        return c.net.forward_with_details(q_, k, v, g_, e_)
+
+    graph = as_numpy(*ms.jit(details)(q, gates, ends))
+    assert graph[2] == eager[2]
+    assert_close(graph[0], eager[0], rel=1e-6)
+
+
+@settings(max_examples=8)
+@given(st.integers(0, 2 ** 31), st.integers(0, 75))
+def test_causality_every_branch(seed, t):
+    """Changing every input after row t never changes any branch's output at rows <= t."""
+    c = Case(small_config(), [30, 5, 41], seed=seed % 1000)
+    rng = np.random.default_rng(seed)
+    base = c.run()
+    q = c.q.copy()
+    q[t + 1:] = random_normal(rng, q[t + 1:].shape)
+    kv = {name: (k.copy(), v.copy()) for name, (k, v) in c.kv.items()}
+    for k, v in kv.values():
+        k[t + 1:] += 3.0
+        v[t + 1:] -= 2.0
+    gates = c.gates.copy()
+    gates[t + 1:] = 1 - gates[t + 1:]
+    moved = c.run(q=q, kv=kv, gates=gates)
+    for name in BRANCHES:
+        np.testing.assert_array_equal(moved[1][name][:t + 1], base[1][name][:t + 1], err_msg=name)
+    np.testing.assert_array_equal(moved[0][:t + 1], base[0][:t + 1])
+
+
+@settings(max_examples=8)
+@given(st.integers(0, 2 ** 31), st.integers(0, 2))
+def test_segment_isolation(seed, changed):
+    """Changing one segment's inputs never changes another segment's outputs."""
+    lengths = [30, 5, 41]
+    c = Case(small_config(), lengths, seed=seed % 1000)
+    base = c.run()
+    bounds = np.cumsum([0] + lengths)
+    rows = slice(bounds[changed], bounds[changed + 1])
+    q = c.q.copy()
+    q[rows] *= -1.5
+    kv = {name: (k.copy(), v.copy()) for name, (k, v) in c.kv.items()}
+    for k, v in kv.values():
+        k[rows] += 1.0
+        v[rows] *= 2.0
+    moved = c.run(q=q, kv=kv)
+    others = np.ones(bounds[-1], bool)
+    others[rows] = False
+    np.testing.assert_array_equal(moved[0][others], base[0][others])
+
+
+def test_query_without_visible_window_outputs_zero_with_zero_gradient():
+    cfg = small_config()
+    c = Case(cfg, [20, 3], seed=7)
+    _, branches, _ = c.run()
+    early = [0, 1, 6, 20, 21, 22]  # positions < l - 1 = 7 (the 3-token segment has no window at all)
+    assert not branches["cmp"][early].any() and branches["cmp"][7].any()
+    q, k, v, gates = c.tensors()
+    mask = np.zeros(c.q.shape[:1] + (1, 1), np.float32)
+    mask[early] = 1.0
+
+    def loss(q_, k0):
+        o_cmp = c.net.forward_with_details(q_, (k0,) + k[1:], v, gates, c.prefix)[1]
+        return (o_cmp * Tensor(mask)).sum()
+
+    dq, dk = ms.grad(loss, grad_position=(0, 1))(q, k[0])
+    assert np.isfinite(dq.asnumpy()).all() and not dq.asnumpy().any() and not dk.asnumpy().any()
+
+
+def test_sliding_window_has_exactly_w_keys():
+    cfg = small_config(window_size=3)
+    c = Case(cfg, [10, 6], seed=8)
+    _, branches, _ = c.run()
+    k, v = c.kv["win"]
+    for t, first in ((0, 0), (1, 0), (5, 3), (9, 7), (10, 10), (12, 10), (15, 13)):
+        for n in range(cfg.num_heads):
+            h = n // cfg.group_size
+            s = cfg.scale * k[first:t + 1, h].astype(np.float64) @ c.q[t, n]
+            p = np.exp(s - s.max())
+            expected = (p / p.sum()) @ v[first:t + 1, h]
+            np.testing.assert_allclose(branches["win"][t, n], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_gradients_are_finite_and_reach_every_parameter(mode):
+    cfg = small_config(query_chunk_size=200)
+    c = Case(cfg, [9, 2, 30], seed=9)
+    q, k, v, gates = c.tensors()
+    net = c.net
+
+    def loss(q_, g_):
+        return (net(q_, k, v, g_, c.prefix) ** 2).sum()
+
+    grad_fn = ms.grad(loss, grad_position=(0, 1), weights=net.trainable_params())
+    if mode == "graph":
+        grad_fn = ms.jit(grad_fn)
+    (dq, dg), dparams = grad_fn(q, gates)
+    assert np.isfinite(dq.asnumpy()).all() and np.isfinite(dg.asnumpy()).all()
+    # a segment's first token attends to itself only (its output does not depend on its query) and
+    # has no compressed window (o_cmp = 0): its selected and window gates still receive gradient
+    first_rows = [0, 9, 11]
+    gate_grads = dg.asnumpy()[first_rows]
+    assert np.abs(gate_grads[..., 1:]).min() > 0 and not gate_grads[..., 0].any()
+    assert np.abs(dq.asnumpy()[[1, 12]]).min() > 0
+    for param, grad in zip(net.trainable_params(), dparams):
+        g = grad.asnumpy()
+        assert np.isfinite(g).all() and np.abs(g).max() > 0, param.name
+
+
+def test_compressor_weight_gradient_matches_finite_differences():
+    """Directional derivative of a loss through the compressed branch w.r.t. the K/V compressor
+    weights (selection is piecewise constant; a small step does not change it)."""
+    cfg = small_config(query_chunk_size=200)
+    c = Case(cfg, [40, 25], seed=10)
+    q, k, v, gates = c.tensors()
+    net = c.net
+    rng = np.random.default_rng(11)
+    target = Tensor(random_normal(rng, (65, cfg.num_heads, cfg.v_head_dim)))
+    params = [net.k_compressor.weight, net.v_compressor.weight]
+
+    def loss():
+        return (net(q, k, v, gates, c.prefix) * target).sum()
+
+    grads = ms.grad(loss, grad_position=None, weights=params)()
+    for param, grad in zip(params, grads):
+        base = param.asnumpy().copy()
+        direction = random_normal(rng, base.shape)
+        eps = 1e-3
+        param.set_data(Tensor(base + eps * direction))
+        plus = float(loss())
+        param.set_data(Tensor(base - eps * direction))
+        minus = float(loss())
+        param.set_data(Tensor(base))
+        fd = (plus - minus) / (2 * eps)
+        analytic = float((grad.asnumpy() * direction).sum())
+        assert abs(fd - analytic) <= 1e-2 * max(1.0, abs(analytic)), (param.name, fd, analytic)
+
+
+@pytest.mark.parametrize("dtype", [ms.float16, ms.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32_and_cast_back(dtype):
+    c = Case(small_config(), [20, 17], seed=12)
+    q, k, v, gates = c.tensors()
+    out = c.net(q.astype(dtype), tuple(x.astype(dtype) for x in k), tuple(x.astype(dtype) for x in v), gates,
+                c.prefix)
+    assert out.dtype == dtype
+    reference = c.run()[0]
+    np.testing.assert_allclose(out.astype(ms.float32).asnumpy(), reference, atol=0.05 * np.abs(reference).max())
+
+
+def test_branch_paths_report():
+    assert set(Case(small_config(), [5], seed=0).net.branch_paths().values()) == {"mindspore"}
