@@ -1,0 +1,86 @@
+"""NSASelfAttention: hidden states in and out, prefix sums as MindFormers gives them, both modes."""
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor
+
+from nsa_layers import NSASelfAttention, RotaryEmbedding
+from nsa_layers import packing
+
+import nsa_reference as nref
+from conftest import random_normal
+from nsa_cases import small_config
+
+
+def _layer(seed=0, **changes):
+    ms.set_seed(seed)
+    cfg = small_config(query_chunk_size=200, **changes)
+    return cfg, NSASelfAttention(cfg, rotary=RotaryEmbedding(cfg.head_dim))
+
+
+def test_matches_the_reference_built_from_its_own_projections():
+    cfg, layer = _layer()
+    rng = np.random.default_rng(1)
+    prefix = (17, 17, 40)
+    x = random_normal(rng, (40, cfg.hidden_size))
+    out = layer(Tensor(x), actual_seq_len=prefix).asnumpy()
+
+    def dense(cell, inputs):
+        return inputs @ cell.weight.asnumpy().T.astype(np.float64)
+
+    positions = packing.token_positions(packing.normalize_prefix_sums(prefix, 40))
+    rope = RotaryEmbedding(cfg.head_dim)
+
+    def rotate(a):
+        return rope(Tensor(a.astype(np.float32)), Tensor(positions.astype(np.int32))).asnumpy()
+
+    q = rotate(dense(layer.q_proj, x).reshape(40, cfg.num_heads, cfg.head_dim))
+    k = dense(layer.k_proj, x).reshape(40, 3, cfg.num_kv_heads, cfg.head_dim)
+    v = dense(layer.v_proj, x).reshape(40, 3, cfg.num_kv_heads, cfg.v_head_dim)
+    kv = {name: (rotate(k[:, i]), v[:, i]) for i, name in enumerate(("cmp", "slc", "win"))}
+    logits = dense(layer.gate.proj, x) + layer.gate.proj.bias.asnumpy()
+    gates = (1 / (1 + np.exp(-logits))).reshape(40, cfg.num_heads, 3)
+    weights = {"w_k": layer.core.k_compressor.weight.asnumpy(), "w_v": layer.core.v_compressor.weight.asnumpy(),
+               "pe_k": layer.core.k_compressor.position_embedding.asnumpy(),
+               "pe_v": layer.core.v_compressor.position_embedding.asnumpy()}
+    attn = nref.nsa_forward(q, kv, gates, (17, 40), vars(cfg), weights, cfg.scale)[0]
+    expected = dense(layer.out_proj, attn.reshape(40, -1))
+    np.testing.assert_allclose(out, expected, atol=2e-5 * max(1.0, np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("actual_seq_len", [
+    None, (40,), [0, 40], np.array([40, 40, 40]), Tensor(np.array([0, 40, 40, 40], np.int32))])
+def test_one_segment_in_every_spelling(actual_seq_len):
+    cfg, layer = _layer(seed=2)
+    x = Tensor(random_normal(np.random.default_rng(2), (40, cfg.hidden_size)))
+    expected = layer(x).asnumpy()
+    np.testing.assert_array_equal(layer(x, actual_seq_len=actual_seq_len).asnumpy(), expected)
+
+
+def test_graph_mode_training_step_reaches_every_parameter():
+    cfg, layer = _layer(seed=3, independent_kv=False)
+    rng = np.random.default_rng(3)
+    x = Tensor(random_normal(rng, (48, cfg.hidden_size)))
+    ends = Tensor(np.array([16, 30, 48, 48], np.int32))  # MindFormers style: padded with the final value
+    params = layer.trainable_params()
+
+    def loss(inputs, seq):
+        return (layer(inputs, actual_seq_len=seq) ** 2).mean()
+
+    eager = ms.grad(loss, grad_position=None, weights=params)(x, ends)
+    compiled = ms.jit(ms.grad(loss, grad_position=None, weights=params))(x, ends)
+    names = [p.name for p in params]
+    assert any("compressor.position_embedding" in n for n in names) and any("gate" in n for n in names)
+    for name, g_eager, g_graph in zip(names, eager, compiled):
+        g = g_eager.asnumpy()
+        assert np.isfinite(g).all() and np.abs(g).max() > 0, name
+        np.testing.assert_allclose(g_graph.asnumpy(), g, rtol=1e-4, atol=1e-6 * np.abs(g).max(), err_msg=name)
+
+
+def test_bfloat16_hidden_states_come_back_in_bfloat16():
+    cfg, layer = _layer(seed=4)
+    x = Tensor(random_normal(np.random.default_rng(4), (20, cfg.hidden_size))).astype(ms.bfloat16)
+    out = layer(x, actual_seq_len=(7, 20))
+    assert out.dtype == ms.bfloat16 and out.shape == (20, cfg.hidden_size)
+    assert np.isfinite(out.astype(ms.float32).asnumpy()).all()
