@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nsa-layers-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-attention clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_compress.py
+
+bench-attention: $(STAMP)
+	$(PY) bench/bench_attention.py
 
 clean:
 	rm -rf $(VENV) output

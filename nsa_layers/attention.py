@@ -103,12 +103,18 @@ class NativeSparseAttention(nn.Cell):
         slots = packing.max_windows(total, ends.shape[0], cfg.compress_block_size, cfg.compress_stride)
         slot_rows, slot_valid, is_start = packing.window_slots_tensor(
             position, length, cfg.compress_block_size, cfg.compress_stride, slots)
-        windows_before = ops.cumsum(is_start.astype(ms.int32), 0) - is_start.astype(ms.int32)
-        first_slot = ops.gather(windows_before, start, 0)  # slot of each segment's first window
+        first_slot = packing.first_slot_tensor(is_start, start)  # slot of each segment's first window
         slot_segment = ops.gather(segment, slot_rows, 0)
         slot_last = ops.gather(position, slot_rows, 0) + (cfg.compress_block_size - 1)
         keys_cmp = self.k_compressor(k_cmp, slot_rows).transpose(1, 0, 2)  # (Hkv, S, Dq)
         values_cmp = self.v_compressor(v_cmp, slot_rows).transpose(1, 0, 2)
+        # selection blocks, block-major: the first rows of every segment's blocks, in row order
+        num_blocks_all = packing.max_windows(total, ends.shape[0], 1, cfg.select_block_size)
+        block_rows, _, is_block_start = packing.window_slots_tensor(position, length, 1, cfg.select_block_size,
+                                                                    num_blocks_all)
+        block_base = packing.first_slot_tensor(is_block_start, start)  # block-major index of its first block
+        keys_slc = self.selected_attention.block_major(k_slc, block_rows)
+        values_slc = self.selected_attention.block_major(v_slc, block_rows)
         row_ids = ops.arange(0, total, dtype=ms.int32)
 
         outs, branch_outs, selections = [], [], []
@@ -117,7 +123,7 @@ class NativeSparseAttention(nn.Cell):
             rows = c1 - c0
             q_chunk = q[c0:c1]
             q_grouped = group_queries(q_chunk, kv_heads)
-            seg_q, pos_q, start_q = segment[c0:c1], position[c0:c1], start[c0:c1]
+            seg_q, pos_q = segment[c0:c1], position[c0:c1]
             # windows starting before row c1 are the first slots (they are in row order)
             reach = min(slots, packing.max_windows(c1, ends.shape[0], cfg.compress_block_size, cfg.compress_stride))
             o_cmp, probs = self.compressed_attention(
@@ -125,7 +131,7 @@ class NativeSparseAttention(nn.Cell):
                 slot_valid[:reach], seg_q, pos_q)
             num_blocks = (c1 - 1) // cfg.select_block_size + 1
             blocks, valid = self.selector(probs, first_slot[c0:c1], pos_q, num_blocks)
-            o_slc = self.selected_attention(q_chunk, k_slc, v_slc, blocks, valid, start_q, pos_q)
+            o_slc = self.selected_attention(q_chunk, keys_slc, values_slc, blocks, valid, block_base[c0:c1], pos_q)
             r0 = max(0, c0 - cfg.window_size + 1)
             o_win = self.sliding_window(q_grouped, k_win[r0:c1], v_win[r0:c1], segment[r0:c1], row_ids[r0:c1],
                                         seg_q, row_ids[c0:c1])

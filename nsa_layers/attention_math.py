@@ -4,7 +4,6 @@ Shapes: a chunk of ``C`` queries ``(C, H, D)`` with ``H = Hkv * G`` heads, head 
 ``n // G`` (blocked grouping, as MindFormers and the Ascend kernels).
 """
 
-import mindspore as ms
 from mindspore import ops
 
 __all__ = ["MASKED", "group_queries", "ungroup_outputs", "masked_softmax"]
@@ -27,18 +26,20 @@ def ungroup_outputs(out, rows):
     return out.reshape(kv_heads, group, rows, dim).transpose(2, 0, 1, 3).reshape(rows, kv_heads * group, dim)
 
 
-def masked_softmax(scores, visible):
+def masked_softmax(scores, visible, may_be_empty=False):
     """Softmax over the last axis restricted to ``visible`` keys.
 
-    Masked keys get probability exactly 0 (so outputs never depend on them); a row with no visible
-    key gets all-zero probabilities and a zero gradient (no NaN, no uniform average).
+    Masked keys get probability exactly 0 (``exp(MASKED - max)`` underflows to 0), so outputs never
+    depend on them. With ``may_be_empty``, a row with no visible key gets all-zero probabilities and
+    a zero gradient (no NaN, no uniform average); otherwise every row must see at least one key.
 
     Args:
         scores (Tensor): ``(..., K)`` float.
-        visible (Tensor): bool, broadcastable to ``scores``.
+        visible (Tensor): bool, broadcastable to ``scores`` (a small mask is broadcast in the add).
+        may_be_empty (bool): zero the rows that see nothing.
     """
-    visible = ops.broadcast_to(visible, scores.shape)
-    masked = ops.masked_fill(scores, ops.logical_not(visible), MASKED)
-    expo = ops.exp(masked - masked.max(axis=-1, keepdims=True))
-    probs = expo / expo.sum(axis=-1, keepdims=True)
-    return probs * visible.any(axis=-1, keep_dims=True).astype(probs.dtype)
+    bias = ops.masked_fill(ops.zeros(visible.shape, scores.dtype), ops.logical_not(visible), MASKED)
+    probs = ops.softmax(scores + bias, axis=-1)
+    if may_be_empty:
+        probs = probs * visible.any(axis=-1, keep_dims=True).astype(probs.dtype)
+    return probs

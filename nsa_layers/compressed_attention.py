@@ -40,6 +40,6 @@ class CompressedAttention(nn.Cell):
             ops.logical_and(slot_valid.reshape(1, -1), slot_segment.reshape(1, -1) == segment.reshape(-1, 1)),
             slot_last.reshape(1, -1) <= position.reshape(-1, 1))
         scores = (self.bmm_transpose_b(q, k) * self.scale).reshape(kv_heads, grouped // rows, rows, slots)
-        probs = masked_softmax(scores, visible)
+        probs = masked_softmax(scores, visible, may_be_empty=True)
         out = mint.bmm(probs.reshape(kv_heads, grouped, slots), v)
         return out, probs

@@ -1,7 +1,6 @@
 """K/V compressor: NSA's learnable per-head block compression (paper Eq. 7) on packed segments."""
 
 import numpy as np
-import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 __all__ = ["KVCompressor"]

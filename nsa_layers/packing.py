@@ -41,6 +41,7 @@ __all__ = [
     "layout_tensors",
     "max_windows",
     "window_slots_tensor",
+    "first_slot_tensor",
     "segment_ids_tensor",
     "positions_tensor",
 ]
@@ -301,3 +302,17 @@ def window_slots_tensor(position, length, block, stride, slots):
     ordered = ops.sort(key)[0][:slots].astype(ms.int32)
     valid = ordered < total
     return ops.where(valid, ordered, ops.zeros_like(ordered)), valid, starts
+
+
+def first_slot_tensor(is_start, start):
+    """Slot index of the first window (or block) of each token's segment, ``(T,)`` int32.
+
+    Slots are numbered in row order (as :func:`window_slots_tensor` lays them out), so a segment's
+    first slot is the number of slots starting at rows before the segment's start row.
+
+    Args:
+        is_start (Tensor): ``(T,)`` bool, True where a slot starts.
+        start (Tensor): ``(T,)`` int32 start row of each token's segment.
+    """
+    starts = is_start.astype(ms.int32)
+    return ops.gather(ops.cumsum(starts, 0) - starts, start, 0)

@@ -3,9 +3,8 @@ probabilities (the paper's Eq. 9 read 1-based), sum over each KV group, force th
 local blocks, take the top-k with ties to the lower index. Never a future block, never a block
 outside the segment, never a duplicate; slots beyond the available blocks are marked invalid."""
 
-import numpy as np
-from mindspore import Tensor, nn, ops
 import mindspore as ms
+from mindspore import nn, ops
 
 from .attention_math import MASKED
 

@@ -2,7 +2,6 @@
 and helpers to run it and the float64 reference."""
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor
 
 from nsa_layers import NativeSparseAttention, NSAConfig
@@ -94,3 +93,16 @@ def assert_selection_equivalent(selected, ref_selected, importance):
 def assert_close(actual, expected, rel=2e-5):
     scale = max(1.0, float(np.abs(expected).max()))
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale)
+
+
+def check_against_reference(case):
+    """Selection (tie-robust), every branch and the gated output of ``case`` against the float64
+    reference, the reference reusing the implementation's selection; returns that selection."""
+    out, branches, selected = case.run()
+    _, _, ref_selected, importance = case.reference()
+    assert_selection_equivalent(selected, ref_selected, importance)
+    ref_out, ref_branches, _, _ = case.reference(selected=selected)
+    for name in BRANCHES:
+        assert_close(branches[name], ref_branches[name])
+    assert_close(out, ref_out)
+    return selected

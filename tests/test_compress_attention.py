@@ -9,7 +9,7 @@ from nsa_layers.ops import nsa_compress_attention
 from nsa_layers.ops.compress_attention import kernel_importance_weights
 
 import reference as ref
-from conftest import UNIT_ROUNDOFF, assert_rounded_close, grads, random_normal, run, to_ms, to_np
+from conftest import UNIT_ROUNDOFF, grads, random_normal, run, to_ms, to_np
 from strategies import prefix_sums
 
 FLT_MAX = ref.FLT_MAX

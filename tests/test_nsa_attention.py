@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from nsa_layers import NSAConfig
 
 from conftest import random_normal
-from nsa_cases import BRANCHES, Case, as_numpy, assert_close, assert_selection_equivalent, small_config
+from nsa_cases import BRANCHES, Case, as_numpy, assert_close, check_against_reference, small_config
 
 
 @st.composite
@@ -35,28 +35,14 @@ def test_matches_reference_on_random_packed_layouts(case):
     """Every branch and the gated output, on layouts with zero-length segments, segments shorter
     than a block, GQA groups 1/2/4, head_dim != v_head_dim, shared or independent K/V."""
     cfg, lengths, shared, seed = case
-    c = Case(cfg, lengths, seed, shared_kv=shared)
-    out, branches, selected = c.run()
-    _, _, ref_selected, importance = c.reference()
-    assert_selection_equivalent(selected, ref_selected, importance)
-    ref_out, ref_branches, _, _ = c.reference(selected=selected)
-    for name in BRANCHES:
-        assert_close(branches[name], ref_branches[name])
-    assert_close(out, ref_out)
+    check_against_reference(Case(cfg, lengths, seed, shared_kv=shared))
 
 
 def test_paper_sizes_match_reference():
     """l=32, d=16, l'=64, n=16 (1 initial + 2 local), with a window of 40 and a GQA group of 4."""
     cfg = NSAConfig(hidden_size=64, num_heads=4, num_kv_heads=1, head_dim=16, v_head_dim=8, window_size=40,
                     query_chunk_size=128)
-    c = Case(cfg, [300, 20, 0, 200], seed=5)
-    out, branches, selected = c.run()
-    _, _, ref_selected, importance = c.reference()
-    assert_selection_equivalent(selected, ref_selected, importance)
-    ref_out, ref_branches, _, _ = c.reference(selected=selected)
-    for name in BRANCHES:
-        assert_close(branches[name], ref_branches[name])
-    assert_close(out, ref_out)
+    selected = check_against_reference(Case(cfg, [300, 20, 0, 200], seed=5))
     # a query late in a 300-token segment has 5 blocks: all selected, 11 slots empty
     assert sorted(selected[(299, 0)]) == [0, 1, 2, 3, 4]
 

@@ -1,0 +1,119 @@
+"""Benchmark (not a test): NSASelfAttention vs dense causal attention, forward+backward, graph mode.
+
+Both layers have the same projections and run on the same packed batch in ``mindspore.jit``;
+the dense one masks a full ``(H, T, T)`` score tensor causally and per segment, written with the
+same MindSpore ops. Every (implementation, T) runs in a fresh subprocess, so the peak resident
+memory it reports (``ru_maxrss``) belongs to that run alone; the time is the median of the steps
+after the compiling one.
+
+Run: ``make bench-attention`` or ``python bench/bench_attention.py [--lengths 1024 2048 ...]``.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 1, 64
+
+
+def run_one(impl, total, layout, steps, chunk):
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    from mindspore import Tensor, nn, ops  # pylint: disable=import-outside-toplevel
+    from nsa_layers import NSAConfig, NSASelfAttention, packing  # pylint: disable=import-outside-toplevel
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    cfg = NSAConfig(hidden_size=HIDDEN, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                    v_head_dim=HEAD_DIM, window_size=512, query_chunk_size=chunk, independent_kv=False)
+    lengths = [total] if layout == "one" else [total // 8 - 37, total // 8 + 37] * 4
+    ends = Tensor(np.cumsum(lengths).astype(np.int32))
+
+    class Dense(nn.Cell):
+        """Dense causal self-attention, segment-masked, with the same projections."""
+
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Dense(HIDDEN, HEADS * HEAD_DIM, has_bias=False)
+            self.k_proj = nn.Dense(HIDDEN, KV_HEADS * HEAD_DIM, has_bias=False)
+            self.v_proj = nn.Dense(HIDDEN, KV_HEADS * HEAD_DIM, has_bias=False)
+            self.out_proj = nn.Dense(HEADS * HEAD_DIM, HIDDEN, has_bias=False)
+            self.bmm_tb = ops.BatchMatMul(transpose_b=True)
+
+        def construct(self, x, seq):
+            t = x.shape[0]
+            seg, _, _, _ = packing.layout_tensors(seq, t)
+            rows = ops.arange(0, t, dtype=ms.int32)
+            visible = ops.logical_and(seg.reshape(-1, 1) == seg.reshape(1, -1), rows.reshape(1, -1) <= rows.reshape(-1, 1))
+            q = self.q_proj(x).reshape(t, HEADS, HEAD_DIM).transpose(1, 0, 2)
+            k = self.k_proj(x).reshape(t, KV_HEADS, HEAD_DIM).transpose(1, 0, 2)
+            v = self.v_proj(x).reshape(t, KV_HEADS, HEAD_DIM).transpose(1, 0, 2)
+            k = ops.broadcast_to(k, (HEADS, t, HEAD_DIM)) if KV_HEADS == 1 else k
+            v = ops.broadcast_to(v, (HEADS, t, HEAD_DIM)) if KV_HEADS == 1 else v
+            scores = self.bmm_tb(q, k) * HEAD_DIM ** -0.5
+            bias = ops.masked_fill(ops.zeros((t, t), ms.float32), ops.logical_not(visible), -1e30)
+            out = ops.bmm(ops.softmax(scores + bias, axis=-1), v)
+            return self.out_proj(out.transpose(1, 0, 2).reshape(t, HEADS * HEAD_DIM))
+
+    layer = NSASelfAttention(cfg) if impl == "nsa" else Dense()
+    x = Tensor(np.random.default_rng(0).standard_normal((total, HIDDEN)).astype(np.float32))
+    params = layer.trainable_params()
+
+    def loss(inputs, seq):
+        return (layer(inputs, actual_seq_len=seq) ** 2).mean() if impl == "nsa" else (layer(inputs, seq) ** 2).mean()
+
+    step = ms.jit(ms.grad(loss, grad_position=0, weights=params))
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        grads = step(x, ends)
+        grads[0].asnumpy()
+        times.append(time.perf_counter() - start)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"impl": impl, "T": total, "layout": layout, "compile_s": times[0] - min(times[1:]),
+            "step_s": statistics.median(times[1:]), "peak_mb": peak_mb}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--layouts", nargs="+", default=["one", "packed"], choices=["one", "packed"])
+    parser.add_argument("--impls", nargs="+", default=["nsa", "dense"], choices=["nsa", "dense"])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=1024, help="NSA query_chunk_size")
+    parser.add_argument("--one", nargs=3, metavar=("IMPL", "T", "LAYOUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        impl, total, layout = args.one
+        print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk)))
+        return
+    print(f"NSASelfAttention vs dense: hidden {HIDDEN}, {HEADS} heads, {KV_HEADS} KV head, head_dim {HEAD_DIM}, "
+          f"l=32 d=16 l'=64 n=16, window 512, NSA query chunk {args.chunk}; forward+backward, mindspore.jit\n")
+    print("| layout | T | NSA step s | dense step s | dense / NSA | NSA peak MB | dense peak MB | NSA compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for layout in args.layouts:
+        for total in args.lengths:
+            row = {}
+            for impl in args.impls:
+                done = subprocess.run([sys.executable, __file__, "--one", impl, str(total), layout,
+                                       "--steps", str(args.steps), "--chunk", str(args.chunk)],
+                                      capture_output=True, text=True, check=False)
+                lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
+                row[impl] = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+            nsa, dense = row.get("nsa"), row.get("dense")
+
+            def cell(result, key, fmt="{:.2f}"):
+                return fmt.format(result[key]) if result else "failed"
+
+            ratio = f"{dense['step_s'] / nsa['step_s']:.2f}" if nsa and dense else "-"
+            print(f"| {layout} | {total} | {cell(nsa, 'step_s')} | {cell(dense, 'step_s')} | {ratio} | "
+                  f"{cell(nsa, 'peak_mb', '{:.0f}')} | {cell(dense, 'peak_mb', '{:.0f}')} | "
+                  f"{cell(nsa, 'compile_s', '{:.0f}')} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
