@@ -46,14 +46,18 @@ class NativeSparseAttention(nn.Cell):
         Tensor ``(T, H, Dv)`` in the dtype of ``q``.
 
     Parameters: ``k_compressor`` and ``v_compressor`` (``KVCompressor``: per-head weights
-    ``(l, Hkv)``, initialised as mean pooling, and optional intra-block position embeddings).
+    ``(l, Hkv)``, initialised as mean pooling; the value compressor also has the optional
+    intra-block position embedding, see ``NSAConfig.use_position_embedding``).
     """
 
     def __init__(self, config):
         super().__init__()
         self.config = config
+        # No intra-block position embedding on keys: with the linear per-head compression it would add
+        # the same vector to every compressed key of a head, which shifts each query's scores by a
+        # constant that the softmax (and so the selection) ignores: a parameter that never learns.
         self.k_compressor = KVCompressor(config.compress_block_size, config.num_kv_heads, config.head_dim,
-                                         config.use_position_embedding)
+                                         use_position_embedding=False)
         self.v_compressor = KVCompressor(config.compress_block_size, config.num_kv_heads, config.v_head_dim,
                                          config.use_position_embedding)
         self.compressed_attention = CompressedAttention(config)

@@ -21,7 +21,8 @@ class KVCompressor(nn.Cell):
         block (int): window length ``l``.
         kv_heads (int): heads ``Hkv``.
         dim (int): head dimension ``D``.
-        use_position_embedding (bool): learn ``pe (block, Hkv, D)``.
+        use_position_embedding (bool): learn ``pe (block, Hkv, D)``. Useful for values only: on keys
+            the bias is the same for every window of a head, which a softmax over the keys ignores.
 
     Inputs:
         x (Tensor): ``(T, Hkv, D)`` float.

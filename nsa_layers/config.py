@@ -29,7 +29,9 @@ class NSAConfig:
         window_size: ``w``, keys of the sliding window, ending at (and including) the query.
         independent_kv: the three branches take independent keys/values (the paper's choice, "to
             prevent shortcut learning"); False shares one K/V among them.
-        use_position_embedding: learnable intra-block position embedding in the K/V compressors.
+        use_position_embedding: learnable intra-block position embedding in the value compressor. Keys
+            get none: with the linear per-head compression it would add one vector to every compressed
+            key of a head, shifting each query's scores by a constant the softmax ignores (inert).
         query_chunk_size: queries processed together; peak memory grows with it, not with ``T**2``.
         compute_dtype: ``"float32"`` (CPU), ``"float16"`` or ``"bfloat16"``; inputs are cast to it.
         softmax_scale: score scale; ``None`` means ``head_dim ** -0.5``.

@@ -38,13 +38,12 @@ class Case:
         self.shared_kv = shared_kv
         self.gates = rng.random((total, cfg.num_heads, 3)).astype(np.float32)
         self.weights = {"w_k": random_normal(rng, (block, hkv)), "w_v": random_normal(rng, (block, hkv)),
-                        "pe_k": random_normal(rng, (block, hkv, dq), 0.5) if cfg.use_position_embedding else None,
+                        "pe_k": None,  # keys have no position embedding (it would be inert)
                         "pe_v": random_normal(rng, (block, hkv, dv), 0.5) if cfg.use_position_embedding else None}
         self.net = NativeSparseAttention(cfg)
         self.net.k_compressor.weight.set_data(Tensor(self.weights["w_k"]))
         self.net.v_compressor.weight.set_data(Tensor(self.weights["w_v"]))
         if cfg.use_position_embedding:
-            self.net.k_compressor.position_embedding.set_data(Tensor(self.weights["pe_k"]))
             self.net.v_compressor.position_embedding.set_data(Tensor(self.weights["pe_v"]))
 
     def tensors(self, q=None, kv=None, gates=None):

@@ -42,7 +42,7 @@ def test_matches_the_reference_built_from_its_own_projections():
     logits = dense(layer.gate.proj, x) + layer.gate.proj.bias.asnumpy()
     gates = (1 / (1 + np.exp(-logits))).reshape(40, cfg.num_heads, 3)
     weights = {"w_k": layer.core.k_compressor.weight.asnumpy(), "w_v": layer.core.v_compressor.weight.asnumpy(),
-               "pe_k": layer.core.k_compressor.position_embedding.asnumpy(),
+               "pe_k": None,
                "pe_v": layer.core.v_compressor.position_embedding.asnumpy()}
     attn = nref.nsa_forward(q, kv, gates, (17, 40), vars(cfg), weights, cfg.scale)[0]
     expected = dense(layer.out_proj, attn.reshape(40, -1))
@@ -72,9 +72,11 @@ def test_graph_mode_training_step_reaches_every_parameter():
     compiled = ms.jit(ms.grad(loss, grad_position=None, weights=params))(x, ends)
     names = [p.name for p in params]
     assert any("compressor.position_embedding" in n for n in names) and any("gate" in n for n in names)
+    largest = max(float(np.abs(g.asnumpy()).max()) for g in eager)
     for name, g_eager, g_graph in zip(names, eager, compiled):
         g = g_eager.asnumpy()
-        assert np.isfinite(g).all() and np.abs(g).max() > 0, name
+        # well above rounding noise (an inert parameter would sit near 1e-7 of the largest)
+        assert np.isfinite(g).all() and np.abs(g).max() > 1e-4 * largest, name
         np.testing.assert_allclose(g_graph.asnumpy(), g, rtol=1e-4, atol=1e-6 * np.abs(g).max(), err_msg=name)
 
 
