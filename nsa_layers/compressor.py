@@ -3,6 +3,8 @@
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from . import packing
+
 __all__ = ["KVCompressor"]
 
 
@@ -40,12 +42,11 @@ class KVCompressor(nn.Cell):
         if use_position_embedding:
             self.position_embedding = Parameter(Tensor(np.zeros((block, kv_heads, dim), np.float32)),
                                                 name="position_embedding")
-        self.offsets = Tensor(np.arange(block, dtype=np.int32))
 
     def construct(self, x, start_rows):
         total, heads, dim = x.shape
         slots = start_rows.shape[0]
-        rows = ops.minimum(start_rows.reshape(-1, 1) + self.offsets.reshape(1, -1), total - 1)
+        rows = packing.window_rows_tensor(start_rows, self.block, total)
         windows = ops.gather(x, rows.reshape(-1), 0).reshape(slots, self.block, heads, dim)
         weight = self.weight.astype(x.dtype)
         out = (windows * weight.reshape(1, self.block, heads, 1)).sum(axis=1)

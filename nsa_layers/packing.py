@@ -41,6 +41,7 @@ __all__ = [
     "layout_tensors",
     "max_windows",
     "window_slots_tensor",
+    "window_rows_tensor",
     "first_slot_tensor",
     "segment_ids_tensor",
     "positions_tensor",
@@ -302,6 +303,16 @@ def window_slots_tensor(position, length, block, stride, slots):
     ordered = ops.sort(key)[0][:slots].astype(ms.int32)
     valid = ordered < total
     return ops.where(valid, ordered, ops.zeros_like(ordered)), valid, starts
+
+
+def window_rows_tensor(start_rows, width, total):
+    """Rows ``start + j`` for ``j < width`` of every window, ``(S, width)`` int32, clipped to row ``T - 1``.
+
+    Callers mask the clipped rows and the rows past a segment's end (by position), so the clip only
+    keeps gathers in range.
+    """
+    offsets = ops.arange(0, width, dtype=ms.int32).reshape(1, -1)
+    return ops.minimum(start_rows.reshape(-1, 1) + offsets, total - 1)
 
 
 def first_slot_tensor(is_start, start):

@@ -5,6 +5,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn, ops
 
+from . import packing
 from .attention_math import masked_softmax
 
 __all__ = ["SelectedAttention"]
@@ -48,7 +49,7 @@ class SelectedAttention(nn.Cell):
         """
         total, kv_heads, dim = x.shape
         count = block_rows.shape[0]
-        rows = ops.minimum(block_rows.reshape(-1, 1) + self.offsets.reshape(1, -1), total - 1)  # (B, l')
+        rows = packing.window_rows_tensor(block_rows, self.block, total)  # (B, l')
         flat = rows.reshape(1, -1) * kv_heads + ops.arange(0, kv_heads, dtype=ms.int32).reshape(-1, 1)
         return ops.gather(x.reshape(total * kv_heads, dim), flat.reshape(-1), 0).reshape(
             kv_heads * count, self.block * dim)
