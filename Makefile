@@ -10,13 +10,13 @@ STAMP := $(VENV)/.nsa-layers-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "mindspore==2.9.0" -e ".[mindformers,test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check "mindspore==2.9.0" -e ".[mindformers,examples,test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/compress_packed_batch.py
+	$(PY) examples/finetune_nsa.py
 
 test: $(STAMP)
 	$(PY) -m pytest

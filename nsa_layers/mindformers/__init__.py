@@ -1,0 +1,31 @@
+"""MindFormers 1.9 adapter: NSA as the attention of a MindFormers (Megatron-style) GPT model.
+
+Importing this module registers, with ``MindFormerRegister`` (``legacy=False``):
+
+- :class:`NSAQwen3Config` (``model_type: nsa_qwen3``): Qwen3's config plus the NSA hyper-parameters
+  (``nsa_*`` keys), which are validated here and kept out of MindFormers' ``TransformerConfig``;
+- :class:`NSAQwen3ForCausalLM` (``architectures: [NSAQwen3ForCausalLM]``): MindFormers' ``GPTModel``
+  with :class:`GPTNSASelfAttention` in every layer's ``self_attention`` slot. Qwen3 parameter names are
+  unchanged, so a Qwen3 checkpoint loads and only the NSA parameters (gate, compressors) start from
+  their initialisation;
+- :class:`NSATrainOneStepCell` (``runner_wrapper: {type: NSATrainOneStepCell}``): MindFormers' train
+  wrapper with an overflow check that runs on CPU.
+
+``nsa_layers`` itself never imports MindFormers; this module needs the ``mindformers`` extra.
+"""
+
+try:
+    import mindformers  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the installation
+    raise ImportError("nsa_layers.mindformers needs MindFormers 1.9: pip install 'nsa-layers[mindformers]'") from err
+
+from .configuration import NSAQwen3Config, NSA_CONFIG_KEYS
+from .attention import NSACoreAttention, NSASelfAttentionSubmodules, GPTNSASelfAttention, GPTNSASelfAttentionContiguous
+from .spec import get_nsa_layer_spec
+from .model import NSAQwen3ForCausalLM
+from .cpu import apply_cpu_swaps, NSATrainOneStepCell
+from .selection_probe import LayerSelection
+
+__all__ = ["NSAQwen3Config", "NSA_CONFIG_KEYS", "NSACoreAttention", "NSASelfAttentionSubmodules",
+           "GPTNSASelfAttention", "GPTNSASelfAttentionContiguous", "get_nsa_layer_spec", "NSAQwen3ForCausalLM",
+           "apply_cpu_swaps", "NSATrainOneStepCell", "LayerSelection"]

@@ -1,0 +1,73 @@
+"""``NSAQwen3Config``: a Qwen3 config with the NSA hyper-parameters, selected by ``model_type: nsa_qwen3``."""
+
+import dataclasses
+
+from mindformers.models.qwen3.configuration_qwen3 import Qwen3Config
+from mindformers.models.qwen3.config_converter_qwen3 import Qwen3ConfigConverter
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from ..config import NSAConfig
+
+__all__ = ["NSAQwen3Config", "NSA_CONFIG_KEYS"]
+
+# The NSA algorithm's own sizes (NSAConfig fields that the transformer config does not already give),
+# as ``nsa_<field>`` config keys with their defaults. Shared K/V by default here: the host model's one
+# Q/K/V projection (as in a Qwen3 checkpoint) then feeds all three branches, and nothing new has to be
+# learnt from scratch except the gate and the compressors (initialised as mean pooling).
+_MODEL_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "v_head_dim", "compute_dtype",
+                 "softmax_scale")
+NSA_CONFIG_KEYS = {
+    "nsa_" + field.name: (False if field.name == "independent_kv" else field.default)
+    for field in dataclasses.fields(NSAConfig) if field.name not in _MODEL_FIELDS
+}
+
+
+def nsa_params_of(config):
+    """The NSA hyper-parameters of a config object or dict, without the ``nsa_`` prefix."""
+    get = config.get if isinstance(config, dict) else lambda key, default: getattr(config, key, default)
+    return {key[len("nsa_"):]: get(key, default) for key, default in NSA_CONFIG_KEYS.items()}
+
+
+@MindFormerRegister.register(MindFormerModuleType.CONFIG, legacy=False, search_names="nsa_qwen3")
+class NSAQwen3Config(Qwen3Config):
+    """Qwen3's config (every Qwen3 key keeps its meaning) plus the NSA keys of :data:`NSA_CONFIG_KEYS`:
+
+    ``nsa_compress_block_size`` (l, 32), ``nsa_compress_stride`` (d, 16), ``nsa_select_block_size``
+    (l', 64), ``nsa_select_block_count`` (n, 16), ``nsa_num_init_blocks`` (1), ``nsa_num_local_blocks``
+    (2), ``nsa_window_size`` (w, 512), ``nsa_independent_kv`` (False: the host's K/V shared by the
+    three branches; True adds a projection for the compressed and window branches'
+    K/V), ``nsa_use_position_embedding`` (True), ``nsa_query_chunk_size`` (256 queries per chunk).
+    Sizes are in tokens. Head sizes, GQA and the compute dtype come from the Qwen3 keys.
+
+    Raises ``ValueError`` at construction for an unknown ``nsa_*`` key or sizes ``NSAConfig`` rejects.
+    The NSA keys are removed before MindFormers converts the config to its ``TransformerConfig``.
+    """
+
+    model_type = "nsa_qwen3"
+
+    def __init__(self, **kwargs):
+        unknown = sorted(key for key in kwargs if key.startswith("nsa_") and key not in NSA_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"NSAQwen3Config: unknown NSA key(s) {unknown}; the NSA keys are "
+                             f"{sorted(NSA_CONFIG_KEYS)}.")
+        for key, default in NSA_CONFIG_KEYS.items():
+            setattr(self, key, kwargs.pop(key, default))
+        super().__init__(**kwargs)
+        self.nsa_config()  # validate now, before any model is built
+
+    def nsa_params(self):
+        """The NSA hyper-parameters as ``NSAConfig`` keyword arguments (no ``nsa_`` prefix)."""
+        return nsa_params_of(self)
+
+    def nsa_config(self):
+        """The :class:`~nsa_layers.NSAConfig` of one attention layer of this model."""
+        heads = self.num_attention_heads
+        kv_heads = self.num_key_value_heads or heads
+        head_dim = self.head_dim or self.hidden_size // heads
+        return NSAConfig(hidden_size=self.hidden_size, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                         v_head_dim=head_dim, compute_dtype=str(self.compute_dtype), **self.nsa_params())
+
+    def convert_to_transformer_config(self, is_mla_model: bool = False):
+        """MindFormers' ``TransformerConfig`` from the Qwen3 keys only (the NSA keys are not its fields)."""
+        values = {key: value for key, value in self.to_dict().items() if key not in NSA_CONFIG_KEYS}
+        return Qwen3ConfigConverter.convert(values, is_mla_model=is_mla_model)

@@ -1,0 +1,57 @@
+"""Packing documents into rows (nsa_layers.data): nothing lost, labels never cross a document."""
+
+import numpy as np
+from hypothesis import given, strategies as st
+
+from nsa_layers import packing
+from nsa_layers.data import batch_prefix_sums, byte_tokens, pack_documents
+
+PAD = 999
+
+
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=12), seq_length=st.integers(1, 24),
+       max_segments=st.integers(2, 5))
+def test_packing_keeps_every_token_in_order_and_labels_inside_documents(lengths, seq_length, max_segments):
+    rng = np.random.default_rng(sum(lengths) + seq_length)
+    docs = [rng.integers(0, 256, n).astype(np.int32) for n in lengths]
+    rows = pack_documents(docs, seq_length, max_segments, PAD)
+    if not sum(lengths):
+        assert rows["input_ids"].shape == (0, seq_length)
+        return
+    ids, labels, mask = rows["input_ids"], rows["labels"], rows["loss_mask"]
+    asl, pos = rows["actual_seq_len"], rows["position_ids"]
+    assert ids.shape == labels.shape == mask.shape == pos.shape and asl.shape == (ids.shape[0], max_segments)
+    segments = []
+    for r in range(ids.shape[0]):
+        ends = packing.normalize_prefix_sums(tuple(asl[r].tolist()), seq_length)  # valid MindFormers prefix sums
+        assert np.all(np.diff(asl[r]) >= 0) and asl[r, -1] == seq_length
+        start = 0
+        for end in ends:
+            seg = ids[r, start:end]
+            np.testing.assert_array_equal(pos[r, start:end], np.arange(end - start))
+            np.testing.assert_array_equal(labels[r, start:end - 1], seg[1:])
+            assert mask[r, end - 1] == 0 and np.all(mask[r, start:end - 1] == (seg[1:] != PAD))
+            segments.append(seg)
+            start = end
+    real = np.concatenate(segments)
+    np.testing.assert_array_equal(real[real != PAD], np.concatenate(docs))  # nothing lost or reordered
+
+
+def test_bad_sizes_are_rejected_by_name():
+    import pytest
+
+    with pytest.raises(ValueError, match="max_segments must be >= 2"):
+        pack_documents([np.arange(3)], 4, 1, PAD)
+    with pytest.raises(ValueError, match="seq_length must be >= 1, but got 0"):
+        pack_documents([np.arange(3)], 0, 2, PAD)
+
+
+def test_hand_packed_example():
+    rows = pack_documents([np.arange(1, 6), np.arange(10, 13), np.arange(20, 30)], 8, 3, PAD)
+    np.testing.assert_array_equal(rows["input_ids"], [[1, 2, 3, 4, 5, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27],
+                                                      [28, 29] + [PAD] * 6])
+    np.testing.assert_array_equal(rows["actual_seq_len"], [[5, 8, 8], [8, 8, 8], [2, 8, 8]])
+    np.testing.assert_array_equal(rows["labels"][0], [2, 3, 4, 5, PAD, 11, 12, PAD])
+    np.testing.assert_array_equal(rows["position_ids"][2], [0, 1, 0, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(batch_prefix_sums(rows["actual_seq_len"], 8), [5, 8, 8, 16, 16, 16, 18, 24, 24])
+    np.testing.assert_array_equal(byte_tokens("aé"), [97, 195, 169])
