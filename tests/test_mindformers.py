@@ -219,7 +219,7 @@ def test_layer_selection_probe_never_picks_future_or_other_documents():
         LayerSelection(net, 2)
 
 
-def test_every_yaml_under_configs_is_valid(monkeypatch):
+def test_every_yaml_under_configs_is_valid(monkeypatch, tmp_path):
     from mindformers.models.build_config import get_model_config
     from mindformers.tools.register import MindFormerConfig
     from nsa_layers.mindformers import NSAQwen3Config
@@ -231,6 +231,7 @@ def test_every_yaml_under_configs_is_valid(monkeypatch):
     assert type(build(tiny)).__name__ == "NSAQwen3ForCausalLM"
     # large: through auto_register from --register_path, to its transformer config only
     monkeypatch.setenv("REGISTER_PATH", str(ROOT / "configs" / "register"))
+    monkeypatch.chdir(tmp_path)  # auto_register copies the shim into ./modules (MindFormers' module cache)
     large = MindFormerConfig(str(LARGE_YAML))
     config = get_model_config(large.model)
     assert type(config) is NSAQwen3Config
