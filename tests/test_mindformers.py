@@ -132,6 +132,19 @@ def test_packed_prefix_sums_reach_the_core_segment_isolation_and_causality(indep
     assert not np.allclose(control[1, b:], control[0, :a], atol=1e-3)
 
 
+def test_tnd_layout_gives_the_default_layouts_results():
+    """``use_eod_attn_mask_compression`` (TND, MindFormers needs S >= 2048 for it) and the default layout
+    feed NSA the same prefix sums: same weights, same packed row -> same logits."""
+    overrides = dict(seq_length=2048, max_position_embeddings=2048, nsa_query_chunk_size=1024)
+    default = build(tiny_config(**overrides))
+    tnd = build(tiny_config(use_eod_attn_mask_compression=True, **overrides))
+    assert tnd.get_gpt_transformer_config().input_layout == "TND"
+    assert default.get_gpt_transformer_config().input_layout == "BNSD"
+    ms.load_param_into_net(tnd, {p.name: p for p in default.get_parameters()})
+    inputs = model_inputs(packed_rows(np.random.default_rng(6), 2048, [[300, 700, 1048]]))
+    np.testing.assert_allclose(_logits(tnd, inputs), _logits(default, inputs), rtol=1e-5, atol=1e-6)
+
+
 def _train(net, inputs, steps, lr=3e-3):
     net.set_train(True)
     params = net.trainable_params()
