@@ -44,6 +44,22 @@ def test_yaml_resolves_to_nsa_classes_in_the_self_attention_slot():
     assert net.cpu_swaps == ("RotaryEmbedding.outer", "VocabParallelEmbedding.embedding_morph")
 
 
+def test_no_swap_off_cpu(monkeypatch):
+    from mindformers.parallel_core.training_graph.base_models.common.embeddings.rotary_pos_embedding import (
+        RotaryEmbedding)
+    import nsa_layers.mindformers.cpu as cpu
+
+    def swapped(net):
+        rotary = [cell for _, cell in net.cells_and_names() if isinstance(cell, RotaryEmbedding)]
+        assert rotary
+        return [isinstance(cell.outer, cpu._OuterProduct) for cell in rotary]
+
+    assert all(swapped(build(tiny_config())))          # on this CPU machine: swapped
+    monkeypatch.setattr(cpu, "on_cpu", lambda: False)  # as on Ascend: untouched
+    net = build(tiny_config())
+    assert net.cpu_swaps == () and not any(swapped(net))
+
+
 def test_layer_spec_keeps_stock_submodules_and_adds_the_gate():
     from mindformers.parallel_core.training_graph.base_models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from nsa_layers import NSAGate

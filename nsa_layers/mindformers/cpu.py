@@ -16,7 +16,12 @@ from mindformers.parallel_core.training_graph.tensor_parallel.layers import (
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from mindformers.wrapper.wrapper import MFTrainOneStepCell
 
-__all__ = ["apply_cpu_swaps", "NSATrainOneStepCell"]
+__all__ = ["apply_cpu_swaps", "NSATrainOneStepCell", "on_cpu"]
+
+
+def on_cpu():
+    """Whether MindSpore's device target is the CPU (the swaps below apply only then)."""
+    return ms.get_context("device_target") == "CPU"
 
 
 class _OuterProduct(nn.Cell):
@@ -70,7 +75,7 @@ class NSATrainOneStepCell(MFTrainOneStepCell):
     def __init__(self, network, optimizer, **kwargs):
         super().__init__(network, optimizer, **kwargs)
         self.overflow_check = "npu-status"
-        if ms.get_context("device_target") == "CPU":
+        if on_cpu():
             self.gpu_target = False
             self.ascend_910b_target = True
             self._ascend_check_overflow_mode = "INFNAN_MODE"

@@ -1,6 +1,5 @@
 """``NSAQwen3ForCausalLM``: MindFormers' Qwen3 training model with NSA attention, chosen by ``architectures``."""
 
-import mindspore as ms
 from mindformers.checkpoint.converter.template import WeightTemplate
 from mindformers.models.qwen3.modeling_qwen3_train import TrainingQwen3ForCausalLM
 from mindformers.parallel_core.training_graph.base_models.gpt.gpt_model import GPTModel
@@ -9,7 +8,7 @@ from mindformers.parallel_core.training_graph.transformer.transformer_block impo
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .configuration import NSAQwen3Config
-from .cpu import apply_cpu_swaps
+from . import cpu
 from .spec import get_nsa_layer_spec
 
 __all__ = ["NSAQwen3ForCausalLM"]
@@ -58,4 +57,4 @@ class NSAQwen3ForCausalLM(TrainingQwen3ForCausalLM):
         # what MindFormers' register_hf_weight_template does, from the config without the NSA keys
         self.template = WeightTemplate(weight_converters=self.weight_converters)
         self.template.set_model_config(tc)
-        self.cpu_swaps = tuple(apply_cpu_swaps(self)) if ms.get_context("device_target") == "CPU" else ()
+        self.cpu_swaps = tuple(cpu.apply_cpu_swaps(self)) if cpu.on_cpu() else ()
