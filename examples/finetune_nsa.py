@@ -5,7 +5,7 @@ What it does (``make demo`` runs it with the defaults, in a few minutes on 2 cor
 1. builds the model from ``configs/nsa_qwen3_tiny_cpu.yaml`` through the MindFormers registry
    (``model_type: nsa_qwen3``, ``architectures: [NSAQwen3ForCausalLM]``);
 2. byte-tokenises the Python documentation topics shipped with the standard library
-   (``pydoc_data``), cuts them into paragraphs-sized documents and packs them into rows with their
+   (``pydoc_data``), cuts them into paragraph-sized documents and packs them into rows with their
    ends passed as ``actual_seq_len`` (positions restart at every document);
 3. trains with AdamW, showing loss and tokens per second, and reports the held-out loss before and after;
 4. saves a checkpoint, loads it into a freshly built model and checks the held-out loss is the same;
@@ -36,9 +36,9 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="MindFormers YAML of the model")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per step (default: the YAML's)")
-    parser.add_argument("--seq-length", type=int, default=None, help="tokens per row (default: the YAML's)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the YAML's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per step; None: the YAML's runner_config.batch_size")
+    parser.add_argument("--seq-length", type=int, default=None, help="tokens per row; None: the YAML's seq_length")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate; None: the YAML's lr_schedule.learning_rate")
     parser.add_argument("--max-doc-bytes", type=int, default=400,
                         help="documents are the topics' paragraphs, merged up to this many bytes")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
