@@ -84,20 +84,14 @@ def packed_splits(docs, seq_length, max_segments, pad_id):
             pack_documents(docs[-held_out:], seq_length, max_segments, pad_id))
 
 
-def batch(rows, index, batch_size, seq_length):
+def batch(rows, index, batch_size):
     """Rows ``index*B .. index*B + B - 1`` (cycling) as model inputs (MindSpore tensors)."""
     import mindspore as ms
-    from nsa_layers.data import batch_prefix_sums
+    from nsa_layers.data import batch_rows
 
     count = rows["input_ids"].shape[0]
     take = [(index * batch_size + i) % count for i in range(batch_size)]
-    return {
-        "input_ids": ms.Tensor(rows["input_ids"][take]),
-        "labels": ms.Tensor(rows["labels"][take]),
-        "loss_mask": ms.Tensor(rows["loss_mask"][take]),
-        "position_ids": ms.Tensor(rows["position_ids"][take]),
-        "actual_seq_len": ms.Tensor(batch_prefix_sums(rows["actual_seq_len"][take], seq_length)),
-    }
+    return {key: ms.Tensor(value) for key, value in batch_rows(rows, take).items()}
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -170,11 +164,11 @@ class Trainer:
         return b["input_ids"], b["labels"], b["loss_mask"], b["position_ids"], b["actual_seq_len"]
 
 
-def evaluate(trainer, rows, batch_size, seq_length):
+def evaluate(trainer, rows, batch_size):
     """Mean loss over the held-out rows (whole batches, cycling to fill the last one)."""
     count = rows["input_ids"].shape[0]
     steps = max(1, -(-count // batch_size))
-    return float(np.mean([trainer.eval_loss(*trainer.inputs(batch(rows, i, batch_size, seq_length))).asnumpy()
+    return float(np.mean([trainer.eval_loss(*trainer.inputs(batch(rows, i, batch_size))).asnumpy()
                           for i in range(steps)]))
 
 
@@ -188,17 +182,16 @@ def selection_picture(net, rows, row_index, path, select_block_size):
     """
     import mindspore as ms
     from PIL import Image, ImageDraw
+    from nsa_layers.data import batch_rows
     from nsa_layers.mindformers import LayerSelection
 
     seq_length = rows["input_ids"].shape[1]
-    one = {key: value[row_index:row_index + 1] for key, value in rows.items()}
+    one = batch_rows(rows, [row_index])
     blocks, valid = LayerSelection(net, 0)(ms.Tensor(one["input_ids"]), ms.Tensor(one["position_ids"]),
-                                           ms.Tensor(one["actual_seq_len"].reshape(-1)))
+                                           ms.Tensor(one["actual_seq_len"]))
     blocks, valid = blocks.asnumpy()[:, 0], valid.asnumpy()[:, 0]  # (S, n), KV head 0
-    ends = sorted({int(e) for e in one["actual_seq_len"][0] if 0 < e < seq_length})
-    starts = np.zeros(seq_length, np.int64)
-    for end in ends:
-        starts[end:] = end
+    ends = sorted({int(e) for e in one["actual_seq_len"] if 0 < e < seq_length})
+    starts = np.arange(seq_length) - one["position_ids"][0]  # positions restart at every document
     picked = np.zeros((seq_length, seq_length), np.float32)  # query token x key token
     for t in range(seq_length):
         for j in blocks[t][valid[t]]:
@@ -279,14 +272,14 @@ def main(argv=None):
           f"CPU swaps: {', '.join(net.cpu_swaps) or 'none'}")
 
     trainer = Trainer(net, cfg)
-    before = evaluate(trainer, eval_rows, batch_size, seq_length)
+    before = evaluate(trainer, eval_rows, batch_size)
     print(f"held-out loss before training: {before:.4f} (uniform guess: {np.log(model_cfg.vocab_size):.4f})")
 
     losses, tokens = [], batch_size * seq_length
     bar = tqdm(range(args.steps), desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
     start = None
     for step in bar:
-        loss = float(trainer.train_step(*trainer.inputs(batch(train_rows, step, batch_size, seq_length))).asnumpy())
+        loss = float(trainer.train_step(*trainer.inputs(batch(train_rows, step, batch_size))).asnumpy())
         losses.append(loss)
         if step == 0:
             start = time.perf_counter()  # the first step includes the graph compilation
@@ -295,7 +288,7 @@ def main(argv=None):
         rate = step * tokens / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", tok_s=f"{rate:,.0f}")
     bar.close()
-    after = evaluate(trainer, eval_rows, batch_size, seq_length)
+    after = evaluate(trainer, eval_rows, batch_size)
     head, tail = np.mean(losses[:10]), np.mean(losses[-10:])
     print(f"training loss: first 10 steps {head:.4f} -> last 10 steps {tail:.4f}; "
           f"held-out loss {before:.4f} -> {after:.4f}")
@@ -306,7 +299,7 @@ def main(argv=None):
     fresh = build(cfg, args.verbose)
     fresh.set_train(True)
     not_loaded, _ = ms.load_param_into_net(fresh, ms.load_checkpoint(ckpt))
-    reloaded = evaluate(Trainer(fresh, cfg), eval_rows, batch_size, seq_length)
+    reloaded = evaluate(Trainer(fresh, cfg), eval_rows, batch_size)
     print(f"checkpoint: {ckpt}; reloaded into a fresh model ({len(not_loaded)} parameters not loaded): "
           f"held-out loss {reloaded:.6f} vs {after:.6f} before saving -> "
           f"{'same' if abs(reloaded - after) <= 1e-6 * max(1.0, abs(after)) else 'DIFFERENT'}")

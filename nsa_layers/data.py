@@ -9,7 +9,7 @@ MindFormers' batching does, giving prefix sums over the flattened ``B*S`` tokens
 
 import numpy as np
 
-__all__ = ["pack_documents", "batch_prefix_sums", "byte_tokens"]
+__all__ = ["pack_documents", "batch_rows", "batch_prefix_sums", "byte_tokens"]
 
 
 def byte_tokens(text):
@@ -82,6 +82,16 @@ def pack_documents(documents, seq_length, max_segments, pad_id):
             start = end
         out["position_ids"][r, start:] = np.arange(seq_length - start)
     return out
+
+
+def batch_rows(rows, take):
+    """Rows ``take`` of :func:`pack_documents`' output as one batch in the layout the model reads: the
+    ``(B, S)`` columns as they are, ``actual_seq_len`` as ``(B*E,)`` prefix sums over the flattened
+    batch (:func:`batch_prefix_sums`). NumPy arrays, keyed like the columns."""
+    take = list(take)
+    batch = {key: value[take] for key, value in rows.items() if key != "actual_seq_len"}
+    batch["actual_seq_len"] = batch_prefix_sums(rows["actual_seq_len"][take], rows["input_ids"].shape[1])
+    return batch
 
 
 def batch_prefix_sums(actual_seq_len, seq_length):

@@ -45,11 +45,8 @@ def packed_rows(rng, seq_length, docs_per_row, pad_id=256):
 
 
 def model_inputs(rows, take=None):
-    """Model keyword inputs for rows ``take`` (all by default), prefix sums offset per row."""
-    from nsa_layers.data import batch_prefix_sums
+    """Model keyword inputs (MindSpore tensors) for rows ``take`` (all by default)."""
+    from nsa_layers.data import batch_rows
 
-    take = list(range(rows["input_ids"].shape[0])) if take is None else list(take)
-    seq_length = rows["input_ids"].shape[1]
-    return dict(input_ids=ms.Tensor(rows["input_ids"][take]), labels=ms.Tensor(rows["labels"][take]),
-                loss_mask=ms.Tensor(rows["loss_mask"][take]), position_ids=ms.Tensor(rows["position_ids"][take]),
-                actual_seq_len=ms.Tensor(batch_prefix_sums(rows["actual_seq_len"][take], seq_length)))
+    take = range(rows["input_ids"].shape[0]) if take is None else take
+    return {key: ms.Tensor(value) for key, value in batch_rows(rows, take).items()}

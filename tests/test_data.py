@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, strategies as st
 
 from nsa_layers import packing
-from nsa_layers.data import batch_prefix_sums, byte_tokens, pack_documents
+from nsa_layers.data import batch_prefix_sums, batch_rows, byte_tokens, pack_documents
 
 PAD = 999
 
@@ -55,3 +55,7 @@ def test_hand_packed_example():
     np.testing.assert_array_equal(rows["position_ids"][2], [0, 1, 0, 1, 2, 3, 4, 5])
     np.testing.assert_array_equal(batch_prefix_sums(rows["actual_seq_len"], 8), [5, 8, 8, 16, 16, 16, 18, 24, 24])
     np.testing.assert_array_equal(byte_tokens("aé"), [97, 195, 169])
+    batch = batch_rows(rows, [2, 0])
+    np.testing.assert_array_equal(batch["actual_seq_len"], [2, 8, 8, 13, 16, 16])
+    np.testing.assert_array_equal(batch["input_ids"], rows["input_ids"][[2, 0]])
+    np.testing.assert_array_equal(batch["labels"][1], rows["labels"][0])

@@ -22,12 +22,6 @@ NSA_CONFIG_KEYS = {
 }
 
 
-def nsa_params_of(config):
-    """The NSA hyper-parameters of a config object or dict, without the ``nsa_`` prefix."""
-    get = config.get if isinstance(config, dict) else lambda key, default: getattr(config, key, default)
-    return {key[len("nsa_"):]: get(key, default) for key, default in NSA_CONFIG_KEYS.items()}
-
-
 @MindFormerRegister.register(MindFormerModuleType.CONFIG, legacy=False, search_names="nsa_qwen3")
 class NSAQwen3Config(Qwen3Config):
     """Qwen3's config (every Qwen3 key keeps its meaning) plus the NSA keys of :data:`NSA_CONFIG_KEYS`:
@@ -57,7 +51,7 @@ class NSAQwen3Config(Qwen3Config):
 
     def nsa_params(self):
         """The NSA hyper-parameters as ``NSAConfig`` keyword arguments (no ``nsa_`` prefix)."""
-        return nsa_params_of(self)
+        return {key[len("nsa_"):]: getattr(self, key) for key in NSA_CONFIG_KEYS}
 
     def nsa_config(self):
         """The :class:`~nsa_layers.NSAConfig` of one attention layer of this model."""
