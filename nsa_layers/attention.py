@@ -11,7 +11,9 @@
 
 Everything runs with static shapes from the per-token layout (``packing.layout_tensors``), so it
 works in PyNative and in graph mode with the prefix sums as data (as MindFormers feeds them).
-Queries are processed in chunks of ``query_chunk_size``: no ``T x T`` tensor is built.
+Queries are processed in chunks of ``query_chunk_size``: no ``T x T`` tensor is built. The selected
+branch of a chunk ending by row ``NSAConfig.select_dense_rows`` is one block-masked attention over
+the rows before it; later chunks gather each query's blocks (same result, see ``selected_attention``).
 """
 
 import mindspore as ms
@@ -21,7 +23,7 @@ from . import packing
 from .attention_math import group_queries, ungroup_outputs
 from .compressed_attention import CompressedAttention
 from .compressor import KVCompressor
-from .selected_attention import SelectedAttention
+from .selected_attention import BlockMaskedSelectedAttention, SelectedAttention
 from .selection import BlockSelector
 from .sliding_window import SlidingWindowAttention
 
@@ -63,6 +65,7 @@ class NativeSparseAttention(nn.Cell):
         self.compressed_attention = CompressedAttention(config)
         self.selector = BlockSelector(config)
         self.selected_attention = SelectedAttention(config)
+        self.block_masked_selected_attention = BlockMaskedSelectedAttention(config)
         self.sliding_window = SlidingWindowAttention(config)
 
     def branch_paths(self):
@@ -117,8 +120,9 @@ class NativeSparseAttention(nn.Cell):
         block_rows, _, is_block_start = packing.window_slots_tensor(position, length, 1, cfg.select_block_size,
                                                                     num_blocks_all)
         block_base = packing.first_slot_tensor(is_block_start, start)  # block-major index of its first block
-        keys_slc = self.selected_attention.block_major(k_slc, block_rows)
-        values_slc = self.selected_attention.block_major(v_slc, block_rows)
+        gathers = total > cfg.dense_selection_rows  # some chunk gathers its queries' blocks
+        keys_slc = self.selected_attention.block_major(k_slc, block_rows) if gathers else None
+        values_slc = self.selected_attention.block_major(v_slc, block_rows) if gathers else None
         row_ids = ops.arange(0, total, dtype=ms.int32)
 
         outs, branch_outs, selections = [], [], []
@@ -135,7 +139,12 @@ class NativeSparseAttention(nn.Cell):
                 slot_valid[:reach], seg_q, pos_q)
             num_blocks = (c1 - 1) // cfg.select_block_size + 1
             blocks, valid = self.selector(probs, first_slot[c0:c1], pos_q, num_blocks)
-            o_slc = self.selected_attention(q_chunk, keys_slc, values_slc, blocks, valid, block_base[c0:c1], pos_q)
+            if c1 <= cfg.dense_selection_rows:
+                o_slc = ungroup_outputs(self.block_masked_selected_attention(
+                    q_grouped, k_slc[:c1], v_slc[:c1], segment[:c1], position[:c1], blocks, valid, seg_q, pos_q), rows)
+            else:
+                o_slc = self.selected_attention(q_chunk, keys_slc, values_slc, blocks, valid, block_base[c0:c1],
+                                                pos_q)
             r0 = max(0, c0 - cfg.window_size + 1)
             o_win = self.sliding_window(q_grouped, k_win[r0:c1], v_win[r0:c1], segment[r0:c1], row_ids[r0:c1],
                                         seg_q, row_ids[c0:c1])

@@ -6,7 +6,10 @@ Shapes: a chunk of ``C`` queries ``(C, H, D)`` with ``H = Hkv * G`` heads, head 
 
 from mindspore import ops
 
-__all__ = ["MASKED", "group_queries", "ungroup_outputs", "masked_softmax"]
+__all__ = ["MASKED", "group_queries", "ungroup_outputs", "masked_softmax", "softmax_over_visible"]
+
+_SOFTMAX = ops.Softmax(axis=-1)
+_CAST = ops.Cast()
 
 # Score of a masked key: finite, so no inf - inf; exp(MASKED - row max) is exactly 0 in float32.
 MASKED = -1e30
@@ -38,8 +41,14 @@ def masked_softmax(scores, visible, may_be_empty=False):
         visible (Tensor): bool, broadcastable to ``scores`` (a small mask is broadcast in the add).
         may_be_empty (bool): zero the rows that see nothing.
     """
-    bias = ops.masked_fill(ops.zeros(visible.shape, scores.dtype), ops.logical_not(visible), MASKED)
-    probs = ops.softmax(scores + bias, axis=-1)
+    probs = softmax_over_visible(scores, visible)
     if may_be_empty:
         probs = probs * visible.any(axis=-1, keep_dims=True).astype(probs.dtype)
     return probs
+
+
+def softmax_over_visible(scores, visible):
+    """:func:`masked_softmax` for rows that each see at least one key, written with primitives only,
+    so a graph-mode ``bprop`` can call it (MindSpore 2.9 fails to compile a function with a Python
+    ``if`` there, and most ``ops.*`` functions have one)."""
+    return _SOFTMAX(scores + _CAST(ops.logical_not(visible), scores.dtype) * MASKED)

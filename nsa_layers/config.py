@@ -33,6 +33,11 @@ class NSAConfig:
             get none: with the linear per-head compression it would add one vector to every compressed
             key of a head, shifting each query's scores by a constant the softmax ignores (inert).
         query_chunk_size: queries processed together; peak memory grows with it, not with ``T**2``.
+        select_dense_rows: a query chunk ending at row ``<= select_dense_rows`` computes the selected
+            branch as one block-masked attention over all rows before its end (matmul-shaped, cheap
+            while short); later chunks gather each query's ``n`` blocks. ``None`` means
+            ``4 * select_block_count * select_block_size`` (measured crossover on CPU, see the
+            README benchmark); ``0`` always gathers. Both paths give the same result.
         compute_dtype: ``"float32"`` (CPU), ``"float16"`` or ``"bfloat16"``; inputs are cast to it.
         softmax_scale: score scale; ``None`` means ``head_dim ** -0.5``.
     """
@@ -52,6 +57,7 @@ class NSAConfig:
     independent_kv: bool = True
     use_position_embedding: bool = True
     query_chunk_size: int = 256
+    select_dense_rows: int = None
     compute_dtype: str = "float32"
     softmax_scale: float = None
 
@@ -80,6 +86,10 @@ class NSAConfig:
         if self.num_init_blocks + self.num_local_blocks > self.select_block_count:
             raise ValueError(f"NSAConfig: num_init_blocks + num_local_blocks ({self.num_init_blocks} + "
                              f"{self.num_local_blocks}) must not exceed select_block_count ({self.select_block_count}).")
+        if self.select_dense_rows is not None and (isinstance(self.select_dense_rows, bool) or not isinstance(
+                self.select_dense_rows, int) or self.select_dense_rows < 0):
+            raise ValueError(f"NSAConfig: 'select_dense_rows' must be a non-negative int or None, but got "
+                             f"{self.select_dense_rows!r}.")
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"NSAConfig: compute_dtype must be one of {sorted(_COMPUTE_DTYPES)}, "
                              f"but got {self.compute_dtype!r}.")
@@ -90,6 +100,13 @@ class NSAConfig:
     def group_size(self):
         """Query heads per KV head ``G = H / Hkv``."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def dense_selection_rows(self):
+        """``select_dense_rows`` with its default resolved."""
+        if self.select_dense_rows is None:
+            return 4 * self.select_block_count * self.select_block_size
+        return self.select_dense_rows
 
     @property
     def scale(self):

@@ -22,7 +22,7 @@ def _cases(draw):
         compress_block_size=draw(st.sampled_from([4, 8])), select_block_count=draw(st.integers(init + local, 4)),
         num_init_blocks=init, num_local_blocks=local,
         window_size=draw(st.integers(1, 20)), query_chunk_size=draw(st.sampled_from([16, 40, 200])),
-        use_position_embedding=draw(st.booleans()))
+        select_dense_rows=draw(st.sampled_from([0, 40, None])), use_position_embedding=draw(st.booleans()))
     n = draw(st.integers(1, 4))
     lengths = draw(st.lists(st.integers(0, 70), min_size=n, max_size=n))
     if sum(lengths) == 0:
@@ -38,10 +38,12 @@ def test_matches_reference_on_random_packed_layouts(case):
     check_against_reference(Case(cfg, lengths, seed, shared_kv=shared))
 
 
-def test_paper_sizes_match_reference():
-    """l=32, d=16, l'=64, n=16 (1 initial + 2 local), with a window of 40 and a GQA group of 4."""
+@pytest.mark.parametrize("dense_rows", [0, None], ids=["gathered", "block-masked"])
+def test_paper_sizes_match_reference(dense_rows):
+    """l=32, d=16, l'=64, n=16 (1 initial + 2 local), with a window of 40 and a GQA group of 4; the
+    selected branch gathered per query, or block-masked (the default for chunks ending by row 4096)."""
     cfg = NSAConfig(hidden_size=64, num_heads=4, num_kv_heads=1, head_dim=16, v_head_dim=8, window_size=40,
-                    query_chunk_size=128)
+                    query_chunk_size=128, select_dense_rows=dense_rows)
     selected = check_against_reference(Case(cfg, [300, 20, 0, 200], seed=5))
     # a query late in a 300-token segment has 5 blocks: all selected, 11 slots empty
     assert sorted(selected[(299, 0)]) == [0, 1, 2, 3, 4]
@@ -174,6 +176,31 @@ def test_gradients_are_finite_and_reach_every_parameter(mode):
     for param, grad in zip(net.trainable_params(), dparams):
         g = grad.asnumpy()
         assert np.isfinite(g).all() and np.abs(g).max() > 1e-3 * max(1.0, np.abs(param.asnumpy()).max()), param.name
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_selected_branch_gradients_same_gathered_and_block_masked(mode):
+    """The gathered selected branch has a hand-written backward; it must give the gradients autodiff
+    gives for the block-masked formulation (same keys, same softmax), for queries, keys and values."""
+    lengths = [70, 3, 0, 50]
+    rng = np.random.default_rng(13)
+    target = Tensor(random_normal(rng, (sum(lengths), 4, 8)))
+    grads = []
+    for dense_rows in (0, 10 ** 6):
+        c = Case(small_config(query_chunk_size=40, select_dense_rows=dense_rows), lengths, seed=14)
+        q, k, v, gates = c.tensors()
+        net = c.net
+
+        def loss(q_, k_cmp, k_slc, k_win, v_cmp, v_slc, v_win):
+            return (net(q_, (k_cmp, k_slc, k_win), (v_cmp, v_slc, v_win), gates, c.prefix) * target).sum()
+
+        grad_fn = ms.grad(loss, grad_position=tuple(range(7)))
+        if mode == "graph":
+            grad_fn = ms.jit(grad_fn)
+        grads.append([g.asnumpy() for g in grad_fn(q, *k, *v)])
+    for gathered, masked in zip(*grads):
+        assert np.abs(masked).max() > 0
+        np.testing.assert_allclose(gathered, masked, rtol=1e-4, atol=1e-5 * np.abs(masked).max())
 
 
 def test_compressor_weight_gradient_matches_finite_differences():
