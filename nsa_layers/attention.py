@@ -19,13 +19,14 @@ the rows before it; later chunks gather each query's blocks (same result, see ``
 import mindspore as ms
 from mindspore import nn, ops
 
-from . import packing
+from . import kernel_routing, packing
 from .attention_math import group_queries, ungroup_outputs
 from .compressed_attention import CompressedAttention
 from .compressor import KVCompressor
 from .selected_attention import BlockMaskedSelectedAttention, SelectedAttention
 from .selection import BlockSelector
 from .sliding_window import SlidingWindowAttention
+from .ops import nsa_compress_attention, nsa_select_attention
 
 __all__ = ["NativeSparseAttention"]
 
@@ -55,6 +56,7 @@ class NativeSparseAttention(nn.Cell):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.config_items = kernel_routing.config_items(config)
         # No intra-block position embedding on keys: with the linear per-head compression it would add
         # the same vector to every compressed key of a head, which shifts each query's scores by a
         # constant that the softmax (and so the selection) ignores: a parameter that never learns.
@@ -68,12 +70,18 @@ class NativeSparseAttention(nn.Cell):
         self.block_masked_selected_attention = BlockMaskedSelectedAttention(config)
         self.sliding_window = SlidingWindowAttention(config)
 
-    def branch_paths(self):
-        """Which implementation each branch runs: ``{"compress", "compressed_attention", "selection",
-        "selected_attention", "sliding_window"} -> "mindspore"`` (composite MindSpore ops; routing to
-        the Ascend NSA kernels is not wired yet)."""
-        return {name: "mindspore" for name in ("compress", "compressed_attention", "selection",
-                                              "selected_attention", "sliding_window")}
+    def branch_paths(self, total, actual_seq_len=None):
+        """Which implementation each branch takes for ``total`` tokens laid out by ``actual_seq_len``
+        (the decision the forward makes, ``kernel_routing.plan_kernel_route``).
+
+        Returns:
+            ``(paths, reasons)``: ``paths`` maps ``"compress"``, ``"compressed_attention"``,
+            ``"selection"``, ``"selected_attention"`` and ``"sliding_window"`` to ``"ascend_kernel"``
+            (a MindSpore Ascend NSA kernel through ``nsa_layers.ops``) or ``"mindspore"`` (composite
+            ops); ``reasons`` says, for each composite branch, which kernel condition failed.
+        """
+        route = kernel_routing.route_for(self.config_items, total, kernel_routing.host_prefix(actual_seq_len, total))
+        return dict(route.paths), dict(route.reasons)
 
     def construct(self, q, k, v, gates, actual_seq_len=None):
         return self._forward(q, k, v, gates, actual_seq_len, False)[0]
@@ -103,6 +111,8 @@ class NativeSparseAttention(nn.Cell):
         q = q.astype(dtype)
         gates = gates.astype(dtype)
         (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = self._branch_inputs(k, v)
+        host = kernel_routing.host_prefix(actual_seq_len, total)
+        kernel_compress, kernel_cmp, kernel_slc = kernel_routing.kernel_flags(self.config_items, total, host)
 
         # packed-sequence bookkeeping, once for every branch
         ends = packing.prefix_sums_tensor(actual_seq_len, total)
@@ -113,52 +123,94 @@ class NativeSparseAttention(nn.Cell):
         first_slot = packing.first_slot_tensor(is_start, start)  # slot of each segment's first window
         slot_segment = ops.gather(segment, slot_rows, 0)
         slot_last = ops.gather(position, slot_rows, 0) + (cfg.compress_block_size - 1)
-        keys_cmp = self.k_compressor(k_cmp, slot_rows).transpose(1, 0, 2)  # (Hkv, S, Dq)
-        values_cmp = self.v_compressor(v_cmp, slot_rows).transpose(1, 0, 2)
+        if kernel_compress:
+            keys_cmp = self.k_compressor.with_kernel(k_cmp, cfg.compress_stride, host, slots)
+            values_cmp = self.v_compressor.with_kernel(v_cmp, cfg.compress_stride, host, slots)
+        else:
+            keys_cmp = self.k_compressor(k_cmp, slot_rows)  # (S, Hkv, Dq)
+            values_cmp = self.v_compressor(v_cmp, slot_rows)
+        cmp_all, blocks_all, valid_all = None, None, None  # (graph mode: defined on every path)
+        if kernel_cmp:
+            cmp_all, blocks_all, valid_all = self._compressed_and_selection_kernel(q, keys_cmp, values_cmp, position,
+                                                                                   host)
+        keys_cmp, values_cmp = keys_cmp.transpose(1, 0, 2), values_cmp.transpose(1, 0, 2)  # (Hkv, S, D)
         # selection blocks, block-major: the first rows of every segment's blocks, in row order
         num_blocks_all = packing.max_windows(total, ends.shape[0], 1, cfg.select_block_size)
         block_rows, _, is_block_start = packing.window_slots_tensor(position, length, 1, cfg.select_block_size,
                                                                     num_blocks_all)
         block_base = packing.first_slot_tensor(is_block_start, start)  # block-major index of its first block
-        gathers = total > cfg.dense_selection_rows  # some chunk gathers its queries' blocks
+        gathers = total > cfg.dense_selection_rows and not kernel_slc  # some chunk gathers its queries' blocks
         keys_slc = self.selected_attention.block_major(k_slc, block_rows) if gathers else None
         values_slc = self.selected_attention.block_major(v_slc, block_rows) if gathers else None
         row_ids = ops.arange(0, total, dtype=ms.int32)
 
-        outs, branch_outs, selections = [], [], []
+        parts = []  # per chunk: (o_cmp, o_slc or None, o_win, blocks, valid), (C, ...) layouts
         for c0 in range(0, total, cfg.query_chunk_size):
             c1 = min(total, c0 + cfg.query_chunk_size)
             rows = c1 - c0
             q_chunk = q[c0:c1]
             q_grouped = group_queries(q_chunk, kv_heads)
             seg_q, pos_q = segment[c0:c1], position[c0:c1]
-            # windows starting before row c1 are the first slots (they are in row order)
-            reach = min(slots, packing.max_windows(c1, ends.shape[0], cfg.compress_block_size, cfg.compress_stride))
-            o_cmp, probs = self.compressed_attention(
-                q_grouped, keys_cmp[:, :reach], values_cmp[:, :reach], slot_segment[:reach], slot_last[:reach],
-                slot_valid[:reach], seg_q, pos_q)
-            num_blocks = (c1 - 1) // cfg.select_block_size + 1
-            blocks, valid = self.selector(probs, first_slot[c0:c1], pos_q, num_blocks)
-            if c1 <= cfg.dense_selection_rows:
+            if kernel_cmp:
+                o_cmp = cmp_all[c0:c1]
+                blocks, valid = blocks_all[c0:c1].transpose(1, 0, 2), valid_all[c0:c1].transpose(1, 0, 2)
+            else:
+                # windows starting before row c1 are the first slots (they are in row order)
+                reach = min(slots, packing.max_windows(c1, ends.shape[0], cfg.compress_block_size,
+                                                       cfg.compress_stride))
+                o_cmp, probs = self.compressed_attention(
+                    q_grouped, keys_cmp[:, :reach], values_cmp[:, :reach], slot_segment[:reach], slot_last[:reach],
+                    slot_valid[:reach], seg_q, pos_q)
+                o_cmp = ungroup_outputs(o_cmp, rows)
+                blocks, valid = self.selector(probs, first_slot[c0:c1], pos_q, (c1 - 1) // cfg.select_block_size + 1)
+            if kernel_slc:
+                o_slc = None
+            elif c1 <= cfg.dense_selection_rows:
                 o_slc = ungroup_outputs(self.block_masked_selected_attention(
                     q_grouped, k_slc[:c1], v_slc[:c1], segment[:c1], position[:c1], blocks, valid, seg_q, pos_q), rows)
             else:
                 o_slc = self.selected_attention(q_chunk, keys_slc, values_slc, blocks, valid, block_base[c0:c1],
                                                 pos_q)
             r0 = max(0, c0 - cfg.window_size + 1)
-            o_win = self.sliding_window(q_grouped, k_win[r0:c1], v_win[r0:c1], segment[r0:c1], row_ids[r0:c1],
-                                        seg_q, row_ids[c0:c1])
-            o_cmp = ungroup_outputs(o_cmp, rows)
-            o_win = ungroup_outputs(o_win, rows)
-            g = gates[c0:c1]
-            outs.append(g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win)
-            if details:
-                branch_outs.append((o_cmp, o_slc, o_win))
-                selections.append((blocks.transpose(1, 0, 2), valid.transpose(1, 0, 2)))
-        out = ops.cat(outs, 0).astype(out_dtype)
+            o_win = ungroup_outputs(self.sliding_window(
+                q_grouped, k_win[r0:c1], v_win[r0:c1], segment[r0:c1], row_ids[r0:c1], seg_q, row_ids[c0:c1]), rows)
+            parts.append((o_cmp, o_slc, o_win, blocks.transpose(1, 0, 2), valid.transpose(1, 0, 2)))
+        o_cmp, o_win, blocks, valid = (ops.cat([p[i] for p in parts], 0) for i in (0, 2, 3, 4))
+        if kernel_slc:
+            o_slc = self._selected_kernel(q, k_slc, v_slc, blocks, valid, host)
+        else:
+            o_slc = ops.cat([p[1] for p in parts], 0)
+        out = (gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win).astype(out_dtype)
         if not details:
             return (out,)
-        o_cmp, o_slc, o_win = (ops.cat([b[i] for b in branch_outs], 0) for i in range(3))
-        blocks = ops.cat([s[0] for s in selections], 0)
-        valid = ops.cat([s[1] for s in selections], 0)
         return out, o_cmp, o_slc, o_win, blocks, valid
+
+    def _compressed_and_selection_kernel(self, q, keys_cmp, values_cmp, position, host):
+        """``nsa_compress_attention`` on the shifted layout (one masked compressed key in front of each
+        segment, so the kernel's block-importance indices give the exact token overlap; see
+        ``kernel_routing``). Returns ``o_cmp (T, H, Dv)`` (0 where no window has ended), the blocks
+        ``(T, Hkv, n)`` and their validity (a block after the query's own one is an empty slot)."""
+        cfg = self.config
+        rows, cmp_prefix, sel_prefix = kernel_routing.shifted_rows_tensor(host, cfg.compress_block_size,
+                                                                          cfg.compress_stride, cfg.select_block_size)
+        atten_mask, topk_mask = kernel_routing.masks_tensors(host, cfg.compress_block_size, cfg.compress_stride,
+                                                             cfg.select_block_size, cfg.num_init_blocks,
+                                                             cfg.num_local_blocks)
+        o_cmp, blocks, _, _ = nsa_compress_attention(
+            q, ops.gather(keys_cmp, rows, 0), ops.gather(values_cmp, rows, 0), cfg.scale, cfg.num_heads,
+            cfg.compress_block_size, cfg.compress_stride, cfg.select_block_size, cfg.select_block_count,
+            topk_mask=topk_mask, atten_mask=atten_mask, actual_seq_qlen=host, actual_cmp_seq_kvlen=cmp_prefix,
+            actual_sel_seq_kvlen=sel_prefix)
+        sees_window = (position >= cfg.compress_block_size - 1).astype(o_cmp.dtype).reshape(-1, 1, 1)
+        valid = blocks <= (position // cfg.select_block_size).reshape(-1, 1, 1)
+        return o_cmp * sees_window, blocks, valid
+
+    def _selected_kernel(self, q, k, v, blocks, valid, host):
+        """``nsa_select_attention`` with its causal mask enabled; an empty slot ``s`` points at block
+        ``s`` (a future block: fully masked, and distinct from the valid ones, which come first)."""
+        cfg = self.config
+        slot = ops.arange(0, cfg.select_block_count, dtype=ms.int32).reshape(1, 1, -1)
+        indices = ops.where(valid, blocks.astype(ms.int32), ops.broadcast_to(slot, blocks.shape))
+        return nsa_select_attention(
+            q, k, v, indices, cfg.scale, cfg.num_heads, cfg.select_block_size, cfg.select_block_count,
+            atten_mask=ops.ones((1, 1), ms.bool_), actual_seq_qlen=host, actual_seq_kvlen=host)[0]

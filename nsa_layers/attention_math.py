@@ -4,15 +4,24 @@ Shapes: a chunk of ``C`` queries ``(C, H, D)`` with ``H = Hkv * G`` heads, head 
 ``n // G`` (blocked grouping, as MindFormers and the Ascend kernels).
 """
 
+import mindspore as ms
 from mindspore import ops
 
-__all__ = ["MASKED", "group_queries", "ungroup_outputs", "masked_softmax", "softmax_over_visible"]
+__all__ = ["MASKED", "masked_score", "group_queries", "ungroup_outputs", "masked_softmax", "softmax_over_visible"]
 
 _SOFTMAX = ops.Softmax(axis=-1)
 _CAST = ops.Cast()
 
 # Score of a masked key: finite, so no inf - inf; exp(MASKED - row max) is exactly 0 in float32.
 MASKED = -1e30
+# float16 cannot hold MASKED (it would become -inf, and 0 * -inf = NaN): a finite score whose sum with
+# any real score stays finite and whose exp after the row max is still exactly 0.
+MASKED_FLOAT16 = -3.0e4
+
+
+def masked_score(dtype):
+    """The masked-key score for scores of ``dtype`` (:data:`MASKED`, or :data:`MASKED_FLOAT16`)."""
+    return MASKED_FLOAT16 if dtype == ms.float16 else MASKED
 
 
 def group_queries(q, kv_heads):
@@ -51,4 +60,4 @@ def softmax_over_visible(scores, visible):
     """:func:`masked_softmax` for rows that each see at least one key, written with primitives only,
     so a graph-mode ``bprop`` can call it (MindSpore 2.9 fails to compile a function with a Python
     ``if`` there, and most ``ops.*`` functions have one)."""
-    return _SOFTMAX(scores + _CAST(ops.logical_not(visible), scores.dtype) * MASKED)
+    return _SOFTMAX(scores + _CAST(ops.logical_not(visible), scores.dtype) * masked_score(scores.dtype))

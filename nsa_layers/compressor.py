@@ -4,6 +4,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from . import packing
+from .ops import nsa_compress
 
 __all__ = ["KVCompressor"]
 
@@ -50,7 +51,21 @@ class KVCompressor(nn.Cell):
         windows = ops.gather(x, rows.reshape(-1), 0).reshape(slots, self.block, heads, dim)
         weight = self.weight.astype(x.dtype)
         out = (windows * weight.reshape(1, self.block, heads, 1)).sum(axis=1)
-        if self.position_embedding is not None:
-            bias = (self.position_embedding.astype(x.dtype) * weight.reshape(self.block, heads, 1)).sum(axis=0)
-            out = out + bias.reshape(1, heads, dim)
-        return out
+        return self._add_position_bias(out, weight)
+
+    def with_kernel(self, x, stride, prefix, slots):
+        """The same through ``nsa_layers.ops.nsa_compress`` (the Ascend kernel there): ``x (T, Hkv, D)``,
+        host prefix sums ``prefix`` (tuple) -> ``(slots, Hkv, D)``, the windows first (in row order, as
+        :meth:`construct` lays them out), then zero rows."""
+        weight = self.weight.astype(x.dtype)
+        out = nsa_compress(x, weight, self.block, stride, actual_seq_len=prefix)
+        if out.shape[0] < slots:
+            out = ops.cat((out, ops.zeros((slots - out.shape[0],) + out.shape[1:], out.dtype)), 0)
+        return self._add_position_bias(out, weight)
+
+    def _add_position_bias(self, out, weight):
+        if self.position_embedding is None:
+            return out
+        _, heads, dim = out.shape
+        bias = (self.position_embedding.astype(out.dtype) * weight.reshape(self.block, heads, 1)).sum(axis=0)
+        return out + bias.reshape(1, heads, dim)

@@ -62,7 +62,8 @@ class BlockSelector(nn.Cell):
         kv_heads, _, rows, slots = probs.shape
         per_block = self.windows_per_block
         local = num_blocks * per_block
-        summed = ops.stop_gradient(probs).sum(axis=1)
+        # float32 whatever the compute dtype: the MASKED / FORCED scores below need its range
+        summed = ops.stop_gradient(probs).astype(ms.float32).sum(axis=1)
         summed = ops.cat((summed, ops.zeros((kv_heads, rows, 1), summed.dtype)), axis=2)
         # probabilities of the query's own segment by in-segment window index (slot S holds a 0)
         index = ops.minimum(first_slot.reshape(-1, 1) + ops.arange(0, local, dtype=ms.int32).reshape(1, -1), slots)

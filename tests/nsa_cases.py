@@ -78,7 +78,7 @@ def as_numpy(out, o_cmp, o_slc, o_win, blocks, valid):
     return out.asnumpy().astype(np.float64), branches, selected
 
 
-def assert_selection_equivalent(selected, ref_selected, importance):
+def assert_selection_equivalent(selected, ref_selected, importance, rtol=1e-5):
     """The same blocks, or (near-ties between float32 and float64) blocks of equal float64 importance."""
     for key, blocks in selected.items():
         expected = ref_selected[key]
@@ -86,7 +86,7 @@ def assert_selection_equivalent(selected, ref_selected, importance):
         if blocks != expected:
             got = np.sort(importance[key][blocks])
             want = np.sort(importance[key][expected])
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=str((key, blocks, expected)))
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-7, err_msg=str((key, blocks, expected)))
 
 
 def assert_close(actual, expected, rel=2e-5):
