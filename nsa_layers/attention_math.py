@@ -50,14 +50,15 @@ def masked_softmax(scores, visible, may_be_empty=False):
         visible (Tensor): bool, broadcastable to ``scores`` (a small mask is broadcast in the add).
         may_be_empty (bool): zero the rows that see nothing.
     """
-    probs = softmax_over_visible(scores, visible)
+    probs = softmax_over_visible(scores, visible, masked_score(scores.dtype))
     if may_be_empty:
         probs = probs * visible.any(axis=-1, keep_dims=True).astype(probs.dtype)
     return probs
 
 
-def softmax_over_visible(scores, visible):
-    """:func:`masked_softmax` for rows that each see at least one key, written with primitives only,
-    so a graph-mode ``bprop`` can call it (MindSpore 2.9 fails to compile a function with a Python
-    ``if`` there, and most ``ops.*`` functions have one)."""
-    return _SOFTMAX(scores + _CAST(ops.logical_not(visible), scores.dtype) * masked_score(scores.dtype))
+def softmax_over_visible(scores, visible, masked):
+    """:func:`masked_softmax` for rows that each see at least one key, with the masked score
+    ``masked`` (:func:`masked_score` of the scores' dtype) given by the caller: primitives only and no
+    Python branch, so a graph-mode ``bprop`` can call it (MindSpore 2.9 fails to compile a function
+    with a Python ``if`` there, and most ``ops.*`` functions have one)."""
+    return _SOFTMAX(scores + _CAST(ops.logical_not(visible), scores.dtype) * masked)

@@ -15,7 +15,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn, ops
 
 from . import packing
-from .attention_math import masked_softmax, softmax_over_visible
+from .attention_math import masked_score, masked_softmax, softmax_over_visible
 
 __all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "selected_block_mask"]
 
@@ -55,6 +55,7 @@ class SelectedAttention(nn.Cell):
         super().__init__()
         self.block = config.select_block_size
         self.scale = config.scale
+        self.masked = masked_score(config.ms_compute_dtype)
         self.offsets = Tensor(np.arange(config.select_block_size, dtype=np.int32))
         # a constant, not ops.arange: MindSpore 2.9 fails to compile ops.arange inside a graph-mode bprop
         self.kv_head_ids = Tensor(np.arange(config.num_kv_heads, dtype=np.int32))
@@ -104,7 +105,7 @@ class SelectedAttention(nn.Cell):
         return q_sel, k_sel, v_sel, visible.reshape(kv_heads * rows, 1, keys), index
 
     def _probs(self, q_sel, k_sel, visible):
-        return softmax_over_visible(self.bmm_transpose_b(q_sel, k_sel) * self.scale, visible)
+        return softmax_over_visible(self.bmm_transpose_b(q_sel, k_sel) * self.scale, visible, self.masked)
 
     def construct(self, q, k_blocks, v_blocks, blocks, valid, block_base, position):
         rows, heads, _ = q.shape
