@@ -57,7 +57,6 @@ class KernelRoute:
 def plan_kernel_route(config, total, prefix, ascend):
     """Decide each branch's path. ``prefix``: a tuple of ints (host prefix sums, ``(total,)`` for one
     segment) or ``None`` when they only exist as a Tensor; ``ascend``: the device is Ascend."""
-    reasons = {}
     if not ascend:
         common = "the device is not Ascend"
     elif prefix is None:
