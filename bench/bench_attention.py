@@ -1,10 +1,12 @@
 """Benchmark (not a test): NSASelfAttention vs dense causal attention, forward+backward, graph mode.
 
-Both layers have the same projections and run on the same packed batch in ``mindspore.jit``;
-the dense one masks a full ``(H, T, T)`` score tensor causally and per segment, written with the
-same MindSpore ops. Every (implementation, T) runs in a fresh subprocess, so the peak resident
-memory it reports (``ru_maxrss``) belongs to that run alone; the time is the median of the steps
-after the compiling one and one warm-up step (the first step after compiling is much slower).
+All layers have the same projections and run on the same packed batch in ``mindspore.jit``. Two
+dense baselines (see ``Dense``): "dense" scores every query against all ``T`` keys and masks causally
+and per segment with plain ops and autodiff (the full-mask attention); "dense-core" skips the keys
+after each query chunk and uses NSA's own masked-attention core and backward. Every
+(implementation, T) runs in a fresh subprocess, so the peak resident memory it reports
+(``ru_maxrss``) belongs to that run alone; the time is the median of the steps after the compiling
+one and one warm-up step (the first step after compiling is much slower).
 
 Run: ``make bench-attention`` or ``python bench/bench_attention.py [--lengths 1024 2048 ...]``.
 """
@@ -22,11 +24,15 @@ import numpy as np
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 1, 64  # the dense baseline assumes KV_HEADS == 1
 
 
+DENSE_CHUNK = 1024  # query rows per chunk in the dense baselines (bounds their transient memory)
+
+
 def run_one(impl, total, layout, steps, chunk):
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindspore import Tensor, nn, ops  # pylint: disable=import-outside-toplevel
     from nsa_layers import NSAConfig, NSASelfAttention, packing  # pylint: disable=import-outside-toplevel
-    from nsa_layers.attention_math import masked_softmax  # pylint: disable=import-outside-toplevel
+    from nsa_layers.attention_math import (MASKED, MaskedAttention,  # pylint: disable=import-outside-toplevel
+                                           visibility_bias)
 
     ms.set_context(mode=ms.GRAPH_MODE)
     cfg = NSAConfig(hidden_size=HIDDEN, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
@@ -35,32 +41,51 @@ def run_one(impl, total, layout, steps, chunk):
     ends = Tensor(np.cumsum(lengths).astype(np.int32))
 
     class Dense(nn.Cell):
-        """Dense causal self-attention, segment-masked, with the same projections (one KV head,
-        broadcast to the query heads)."""
+        """Dense causal self-attention, segment-masked, with the same projections (one KV head shared
+        by the query heads), in chunks of query rows.
 
-        def __init__(self):
+        ``core=False``: every chunk scores all ``T`` keys, masked softmax by plain ops, autodiff (the
+        full-mask attention a user writes first, chunked only so that 16k fits in memory).
+        ``core=True``: keys up to the chunk's end only, through NSA's own masked-attention core and its
+        backward (the fastest dense attention written with the ops NSA uses).
+        """
+
+        def __init__(self, core):
             super().__init__()
             self.q_proj = nn.Dense(HIDDEN, HEADS * HEAD_DIM, has_bias=False)
             self.k_proj = nn.Dense(HIDDEN, KV_HEADS * HEAD_DIM, has_bias=False)
             self.v_proj = nn.Dense(HIDDEN, KV_HEADS * HEAD_DIM, has_bias=False)
             self.out_proj = nn.Dense(HEADS * HEAD_DIM, HIDDEN, has_bias=False)
+            self.core = core
+            self.attention = MaskedAttention(HEAD_DIM ** -0.5)
             self.bmm_tb = ops.BatchMatMul(transpose_b=True)
+            self.bmm = ops.BatchMatMul()
 
         def construct(self, x, actual_seq_len):
             t = x.shape[0]
             seg, _, _, _ = packing.layout_tensors(actual_seq_len, t)
             rows = ops.arange(0, t, dtype=ms.int32)
-            visible = ops.logical_and(seg.reshape(-1, 1) == seg.reshape(1, -1), rows.reshape(1, -1) <= rows.reshape(-1, 1))
-            q = self.q_proj(x).reshape(t, HEADS, HEAD_DIM).transpose(1, 0, 2)
-            k = self.k_proj(x).reshape(t, KV_HEADS, HEAD_DIM).transpose(1, 0, 2)
-            v = self.v_proj(x).reshape(t, KV_HEADS, HEAD_DIM).transpose(1, 0, 2)
-            k = ops.broadcast_to(k, (HEADS, t, HEAD_DIM))
-            v = ops.broadcast_to(v, (HEADS, t, HEAD_DIM))
-            scores = self.bmm_tb(q, k) * HEAD_DIM ** -0.5
-            out = ops.bmm(masked_softmax(scores, visible), v)
-            return self.out_proj(out.transpose(1, 0, 2).reshape(t, HEADS * HEAD_DIM))
+            q = self.q_proj(x).reshape(t, HEADS, HEAD_DIM).transpose(1, 0, 2)  # (H, T, D), KV head 0
+            k = self.k_proj(x).reshape(1, t, HEAD_DIM)
+            v = self.v_proj(x).reshape(1, t, HEAD_DIM)
+            outs = []
+            for c0 in range(0, t, DENSE_CHUNK):
+                c1 = min(t, c0 + DENSE_CHUNK)
+                keys = c1 if self.core else t
+                visible = ops.logical_and(seg[c0:c1].reshape(-1, 1) == seg[:keys].reshape(1, -1),
+                                          rows[:keys].reshape(1, -1) <= rows[c0:c1].reshape(-1, 1))
+                bias = visibility_bias(visible, ms.float32, MASKED).reshape(1, c1 - c0, keys)
+                if self.core:
+                    out = self.attention(q[:, c0:c1].reshape(1, HEADS * (c1 - c0), HEAD_DIM), k[:, :keys],
+                                         v[:, :keys], bias)[0]
+                else:
+                    scores = self.bmm_tb(q[:, c0:c1], ops.broadcast_to(k, (HEADS, t, HEAD_DIM))) * HEAD_DIM ** -0.5
+                    out = self.bmm(ops.softmax(scores + bias, -1), ops.broadcast_to(v, (HEADS, t, HEAD_DIM)))
+                outs.append(out.reshape(HEADS, c1 - c0, HEAD_DIM))
+            out = ops.cat(outs, 1).transpose(1, 0, 2).reshape(t, HEADS * HEAD_DIM)
+            return self.out_proj(out)
 
-    layer = NSASelfAttention(cfg) if impl == "nsa" else Dense()
+    layer = NSASelfAttention(cfg) if impl == "nsa" else Dense(core=impl == "dense_core")
     x = Tensor(np.random.default_rng(0).standard_normal((total, HIDDEN)).astype(np.float32))
     params = layer.trainable_params()
 
@@ -79,11 +104,14 @@ def run_one(impl, total, layout, steps, chunk):
             "step_s": statistics.median(times[2:]), "peak_mb": peak_mb}
 
 
+IMPLS = ("nsa", "dense", "dense_core")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--layouts", nargs="+", default=["one", "packed"], choices=["one", "packed"])
-    parser.add_argument("--impls", nargs="+", default=["nsa", "dense"], choices=["nsa", "dense"])
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--steps", type=int, default=4, help="timed steps after compile and one warm-up")
     parser.add_argument("--chunk", type=int, default=256, help="NSA query_chunk_size")
     parser.add_argument("--one", nargs=3, metavar=("IMPL", "T", "LAYOUT"), help=argparse.SUPPRESS)
@@ -93,8 +121,9 @@ def main():
         print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk)))
         return
     print(f"NSASelfAttention vs dense: hidden {HIDDEN}, {HEADS} heads, {KV_HEADS} KV head, head_dim {HEAD_DIM}, "
-          f"l=32 d=16 l'=64 n=16, window 512, NSA query chunk {args.chunk}; forward+backward, mindspore.jit\n")
-    print("| layout | T | NSA step s | dense step s | dense / NSA | NSA peak MB | dense peak MB | NSA compile s |")
+          f"l=32 d=16 l'=64 n=16, window 512, NSA query chunk {args.chunk}; forward+backward, mindspore.jit; "
+          f"step time s (peak MB)\n")
+    print("| layout | T | NSA | dense | dense / NSA | dense-core | dense-core / NSA | NSA compile s |")
     print("|---|---|---|---|---|---|---|---|")
     for layout in args.layouts:
         for total in args.lengths:
@@ -105,15 +134,18 @@ def main():
                                       capture_output=True, text=True, check=False)
                 lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
                 row[impl] = json.loads(lines[-1]) if done.returncode == 0 and lines else None
-            nsa, dense = row.get("nsa"), row.get("dense")
 
-            def cell(result, key, fmt="{:.2f}"):
-                return fmt.format(result[key]) if result else "failed"
+            def cell(impl):
+                result = row.get(impl)
+                return f"{result['step_s']:.2f} ({result['peak_mb']:.0f})" if result else "failed"
 
-            ratio = f"{dense['step_s'] / nsa['step_s']:.2f}" if nsa and dense else "-"
-            print(f"| {layout} | {total} | {cell(nsa, 'step_s')} | {cell(dense, 'step_s')} | {ratio} | "
-                  f"{cell(nsa, 'peak_mb', '{:.0f}')} | {cell(dense, 'peak_mb', '{:.0f}')} | "
-                  f"{cell(nsa, 'compile_s', '{:.0f}')} |", flush=True)
+            def ratio(impl):
+                nsa, other = row.get("nsa"), row.get(impl)
+                return f"{other['step_s'] / nsa['step_s']:.2f}" if nsa and other else "-"
+
+            compile_s = f"{row['nsa']['compile_s']:.0f}" if row.get("nsa") else "-"
+            print(f"| {layout} | {total} | {cell('nsa')} | {cell('dense')} | {ratio('dense')} | "
+                  f"{cell('dense_core')} | {ratio('dense_core')} | {compile_s} |", flush=True)
 
 
 if __name__ == "__main__":

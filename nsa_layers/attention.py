@@ -143,6 +143,11 @@ class NativeSparseAttention(nn.Cell):
         keys_slc = self.selected_attention.block_major(k_slc, block_rows) if gathers else None
         values_slc = self.selected_attention.block_major(v_slc, block_rows) if gathers else None
         row_ids = ops.arange(0, total, dtype=ms.int32)
+        # head-major (Hkv, T, D) copies for the branches that slice rows per chunk
+        k_win_heads, v_win_heads = k_win.transpose(1, 0, 2), v_win.transpose(1, 0, 2)
+        block_masked = min(total, cfg.query_chunk_size) <= cfg.dense_selection_rows and not kernel_slc  # first chunk
+        k_slc_heads = k_slc.transpose(1, 0, 2) if block_masked else None
+        v_slc_heads = v_slc.transpose(1, 0, 2) if block_masked else None
 
         parts = []  # per chunk: (o_cmp, o_slc or None, o_win, blocks, valid), (C, ...) layouts
         for c0 in range(0, total, cfg.query_chunk_size):
@@ -167,13 +172,14 @@ class NativeSparseAttention(nn.Cell):
                 o_slc = None
             elif c1 <= cfg.dense_selection_rows:
                 o_slc = ungroup_outputs(self.block_masked_selected_attention(
-                    q_grouped, k_slc[:c1], v_slc[:c1], segment[:c1], position[:c1], blocks, valid, seg_q, pos_q), rows)
+                    q_grouped, k_slc_heads[:, :c1], v_slc_heads[:, :c1], segment[:c1], position[:c1], blocks, valid,
+                    seg_q, pos_q), rows)
             else:
                 o_slc = self.selected_attention(q_chunk, keys_slc, values_slc, blocks, valid, block_base[c0:c1],
                                                 pos_q)
             r0 = max(0, c0 - cfg.window_size + 1)
             o_win = ungroup_outputs(self.sliding_window(
-                q_grouped, k_win[r0:c1], v_win[r0:c1], segment[r0:c1], row_ids[r0:c1], seg_q, row_ids[c0:c1]), rows)
+                q_grouped, k_win_heads[:, r0:c1], v_win_heads[:, r0:c1], segment[r0:c1], row_ids[r0:c1], seg_q, row_ids[c0:c1]), rows)
             parts.append((o_cmp, o_slc, o_win, blocks.transpose(1, 0, 2), valid.transpose(1, 0, 2)))
         o_cmp, o_win, blocks, valid = (ops.cat([p[i] for p in parts], 0) for i in (0, 2, 3, 4))
         if kernel_slc:

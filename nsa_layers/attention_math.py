@@ -1,16 +1,25 @@
-"""Attention arithmetic shared by the NSA branches: GQA grouping and the masked softmax.
+"""Attention arithmetic shared by the NSA branches: GQA grouping, the visibility bias and the
+masked attention core with its hand-written backward.
 
 Shapes: a chunk of ``C`` queries ``(C, H, D)`` with ``H = Hkv * G`` heads, head ``n`` reading KV head
 ``n // G`` (blocked grouping, as MindFormers and the Ascend kernels).
 """
 
 import mindspore as ms
-from mindspore import ops
+from mindspore import nn, ops
 
-__all__ = ["MASKED", "masked_score", "group_queries", "ungroup_outputs", "masked_softmax", "softmax_over_visible"]
+__all__ = ["MASKED", "masked_score", "group_queries", "ungroup_outputs", "visibility_bias", "attention_forward", "attention_probs", "attention_backward", "MaskedAttention"]
 
+# Primitives, not ops.* functions: what a graph-mode bprop calls must not contain a Python branch
+# (MindSpore 2.9 fails to compile it, and most ops.* functions have one).
 _SOFTMAX = ops.Softmax(axis=-1)
 _CAST = ops.Cast()
+_LOGICAL_NOT = ops.LogicalNot()
+_BMM = ops.BatchMatMul()
+_BMM_TRANSPOSE_A = ops.BatchMatMul(transpose_a=True)
+_BMM_TRANSPOSE_B = ops.BatchMatMul(transpose_b=True)
+_ROW_SUM = ops.ReduceSum(keep_dims=True)
+_ZEROS_LIKE = ops.ZerosLike()
 
 # Score of a masked key: finite, so no inf - inf; exp(MASKED - row max) is exactly 0 in float32.
 MASKED = -1e30
@@ -38,27 +47,75 @@ def ungroup_outputs(out, rows):
     return out.reshape(kv_heads, group, rows, dim).transpose(2, 0, 1, 3).reshape(rows, kv_heads * group, dim)
 
 
-def masked_softmax(scores, visible, may_be_empty=False):
-    """Softmax over the last axis restricted to ``visible`` keys.
+def visibility_bias(visible, dtype, masked):
+    """bool ``visible`` -> additive score bias of ``dtype``: 0 where visible, ``masked`` elsewhere."""
+    return _CAST(_LOGICAL_NOT(visible), dtype) * masked
 
-    Masked keys get probability exactly 0 (``exp(MASKED - max)`` underflows to 0), so outputs never
-    depend on them. With ``may_be_empty``, a row with no visible key gets all-zero probabilities and
-    a zero gradient (no NaN, no uniform average); otherwise every row must see at least one key.
+
+def attention_forward(q, k, v, bias, scale):
+    """``softmax(q k^T * scale + bias) v`` for grouped query rows.
 
     Args:
-        scores (Tensor): ``(..., K)`` float.
-        visible (Tensor): bool, broadcastable to ``scores`` (a small mask is broadcast in the add).
-        may_be_empty (bool): zero the rows that see nothing.
+        q (Tensor): ``(B, G*C, Dq)``, rows ordered ``(g, c)`` (:func:`group_queries`; ``G`` may be 1).
+        k (Tensor): ``(B, N, Dq)``; ``v``: ``(B, N, Dv)``.
+        bias (Tensor): ``(B or 1, C, N)`` additive score bias shared by the ``G`` query groups
+            (:func:`visibility_bias`). Masked keys get probability exactly 0 (``exp(MASKED - max)``
+            underflows), so outputs never depend on them; a row that sees no key gets uniform
+            probabilities over masked keys, and the caller zeroes its output (then its gradients are 0).
+        scale (float): score scale.
+
+    Returns:
+        ``(out (B, G*C, Dv), probs (B, G, C, N))``.
     """
-    probs = softmax_over_visible(scores, visible, masked_score(scores.dtype))
-    if may_be_empty:
-        probs = probs * visible.any(axis=-1, keep_dims=True).astype(probs.dtype)
-    return probs
+    probs = attention_probs(q, k, bias, scale)
+    batch, grouped, _ = q.shape
+    return _BMM(probs.reshape(batch, grouped, k.shape[1]), v), probs
 
 
-def softmax_over_visible(scores, visible, masked):
-    """:func:`masked_softmax` for rows that each see at least one key, with the masked score
-    ``masked`` (:func:`masked_score` of the scores' dtype) given by the caller: primitives only and no
-    Python branch, so a graph-mode ``bprop`` can call it (MindSpore 2.9 fails to compile a function
-    with a Python ``if`` there, and most ``ops.*`` functions have one)."""
-    return _SOFTMAX(scores + _CAST(ops.logical_not(visible), scores.dtype) * masked)
+def attention_probs(q, k, bias, scale):
+    """The probabilities ``(B, G, C, N)`` of :func:`attention_forward`."""
+    batch, grouped, _ = q.shape
+    keys = k.shape[1]
+    rows = bias.shape[1]
+    scores = (_BMM_TRANSPOSE_B(q, k) * scale).reshape(batch, grouped // rows, rows, keys)
+    return _SOFTMAX(scores + bias.reshape(bias.shape[0], 1, rows, keys))
+
+
+def attention_backward(q, k, v, probs, out, d_out, scale):
+    """Gradients ``(d_q, d_k, d_v)`` of :func:`attention_forward` from its ``probs`` and ``out``.
+
+    The softmax backward uses ``sum_j P_ij dP_ij = dO_i . O_i`` (one reduction over ``Dv`` instead of
+    over the keys, as FlashAttention does); it holds for every row, since each row of ``probs`` sums to 1.
+    """
+    batch, grouped, _ = q.shape
+    keys = k.shape[1]
+    probs = probs.reshape(batch, grouped, keys)
+    d_scores = probs * (_BMM_TRANSPOSE_B(d_out, v) - _ROW_SUM(d_out * out, -1)) * scale
+    return _BMM(d_scores, k), _BMM_TRANSPOSE_A(d_scores, q), _BMM_TRANSPOSE_A(probs, d_out)
+
+
+class MaskedAttention(nn.Cell):
+    """:func:`attention_forward` as a cell whose backward is :func:`attention_backward` (matmuls on
+    the kept probabilities; no reduction over the keys, no transposed copies).
+
+    Args:
+        scale (float): score scale.
+
+    Inputs:
+        q, k, v, bias: as :func:`attention_forward`.
+
+    Outputs:
+        ``(out (B, G*C, Dv), probs (B, G, C, N))``; no gradient flows back through ``probs`` (they
+        feed block selection, which is not differentiable) nor to ``bias``.
+    """
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def construct(self, q, k, v, bias):
+        return attention_forward(q, k, v, bias, self.scale)
+
+    def bprop(self, q, k, v, bias, out, dout):
+        d_q, d_k, d_v = attention_backward(q, k, v, out[1], out[0], dout[0], self.scale)
+        return d_q, d_k, d_v, _ZEROS_LIKE(bias)

@@ -1,9 +1,9 @@
 """Compressed-attention branch: each query attends to the compressed windows of its own segment
 that have ended (window ``i`` is visible to in-segment position ``t`` iff ``i*d + l - 1 <= t``)."""
 
-from mindspore import mint, nn, ops
+from mindspore import nn, ops
 
-from .attention_math import masked_softmax
+from .attention_math import MaskedAttention, masked_score, visibility_bias
 
 __all__ = ["CompressedAttention"]
 
@@ -24,22 +24,23 @@ class CompressedAttention(nn.Cell):
         segment, position (Tensor): ``(C,)`` the queries' segment ids and in-segment positions.
 
     Outputs:
-        ``(out (Hkv, G*C, Dv), probs (Hkv, G, C, S))``: float, the probabilities for block selection.
+        ``(out (Hkv, G*C, Dv), probs (Hkv, G, C, S))``: float, the probabilities for block selection
+        (zero rows for queries that see no window; no gradient flows through them).
     """
 
     def __init__(self, config):
         super().__init__()
-        self.scale = config.scale
-        self.bmm_transpose_b = ops.BatchMatMul(transpose_b=True)
+        self.masked = masked_score(config.ms_compute_dtype)
+        self.attention = MaskedAttention(config.scale)
 
     def construct(self, q, k, v, slot_segment, slot_last, slot_valid, segment, position):
         kv_heads, grouped, _ = q.shape
         rows = segment.shape[0]
-        slots = k.shape[1]
         visible = ops.logical_and(
             ops.logical_and(slot_valid.reshape(1, -1), slot_segment.reshape(1, -1) == segment.reshape(-1, 1)),
             slot_last.reshape(1, -1) <= position.reshape(-1, 1))
-        scores = (self.bmm_transpose_b(q, k) * self.scale).reshape(kv_heads, grouped // rows, rows, slots)
-        probs = masked_softmax(scores, visible, may_be_empty=True)
-        out = mint.bmm(probs.reshape(kv_heads, grouped, slots), v)
-        return out, probs
+        out, probs = self.attention(q, k, v, visibility_bias(visible, q.dtype, self.masked).reshape(1, rows, -1))
+        # rows that see no window have uniform probabilities over masked keys: zero them (and so their gradient)
+        sees = visible.any(axis=-1).astype(q.dtype).reshape(1, 1, rows, 1)
+        out = (out.reshape(kv_heads, grouped // rows, rows, -1) * sees).reshape(kv_heads, grouped, -1)
+        return out, probs * sees

@@ -32,7 +32,7 @@ from .ops import select_attention as select_attention_op
 from .ops._device import on_ascend
 
 __all__ = ["KERNEL", "COMPOSITE", "BRANCHES", "KernelRoute", "plan_kernel_route", "compressed_attention_masks",
-           "shifted_compressed_rows"]
+           "shifted_compressed_rows", "route_for", "host_prefix", "config_items"]
 
 KERNEL = "ascend_kernel"
 COMPOSITE = "mindspore"
@@ -43,12 +43,10 @@ _KERNEL_ERRORS = (TypeError, ValueError, RuntimeError)
 @dataclasses.dataclass(frozen=True)
 class KernelRoute:
     """The decision for one layout: ``paths`` maps every branch of :data:`BRANCHES` to
-    :data:`KERNEL` or :data:`COMPOSITE`; ``reasons`` says why a branch is composite; ``prefix`` is the
-    host prefix sums (a tuple, or ``None`` when they are a Tensor)."""
+    :data:`KERNEL` or :data:`COMPOSITE`; ``reasons`` says why a branch is composite."""
 
     paths: tuple
     reasons: tuple
-    prefix: tuple
 
     def uses_kernel(self, branch):
         return dict(self.paths)[branch] == KERNEL
@@ -71,7 +69,7 @@ def plan_kernel_route(config, total, prefix, ascend):
         reasons = {branch: common for branch in BRANCHES}
     reasons.setdefault("sliding_window", "no NSA kernel for the sliding window")
     paths = tuple((branch, COMPOSITE if branch in reasons else KERNEL) for branch in BRANCHES)
-    return KernelRoute(paths, tuple(sorted(reasons.items())), None if prefix is None else tuple(prefix))
+    return KernelRoute(paths, tuple(sorted(reasons.items())))
 
 
 def _first_error(check):
@@ -173,7 +171,9 @@ def shifted_compressed_rows(prefix, block, stride, sel_block):
 
 
 @functools.lru_cache(maxsize=64)
-def _route(config_items, total, prefix):
+def route_for(config_items, total, prefix):
+    """The :class:`KernelRoute` the layer takes on the current device (host side, cached;
+    ``config_items`` from :func:`config_items`, ``prefix`` from :func:`host_prefix`)."""
     from .config import NSAConfig  # pylint: disable=import-outside-toplevel
     return plan_kernel_route(NSAConfig(**dict(config_items)), total, prefix, on_ascend())
 
@@ -196,13 +196,8 @@ def _normalized(actual_seq_len, total):
 def kernel_flags(config_items, total, prefix):
     """``(compress, compressed_attention_and_selection, selected_attention)``: True where the branch
     runs its kernel (a ``constexpr`` of :func:`plan_kernel_route` on the current device)."""
-    route = _route(config_items, total, prefix)
+    route = route_for(config_items, total, prefix)
     return tuple(route.uses_kernel(b) for b in ("compress", "compressed_attention", "selected_attention"))
-
-
-def route_for(config_items, total, prefix):
-    """The :class:`KernelRoute` the layer takes (host side; ``config_items`` from :func:`config_items`)."""
-    return _route(config_items, total, prefix)
 
 
 def config_items(config):

@@ -3,19 +3,19 @@ token-level causal mask inside its own block.
 
 Two exact formulations of the same branch, chosen per query chunk by ``NativeSparseAttention``:
 
-- :class:`SelectedAttention` gathers each query's ``n`` blocks (work linear in ``T``; its backward is
-  written by hand so the gathered keys and values are recomputed instead of kept, and peak memory
-  stays one chunk's worth);
+- :class:`SelectedAttention` gathers each query's ``n`` blocks (work linear in ``T``; hand-written
+  backward on the gathered operands);
 - :class:`BlockMaskedSelectedAttention` attends to every row before the chunk's end through a
   per-query block mask (one matmul; cheaper while the chunk ends early, ``NSAConfig.select_dense_rows``).
 """
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, mint, nn, ops
+from mindspore import Tensor, nn, ops
 
 from . import packing
-from .attention_math import masked_score, masked_softmax, softmax_over_visible
+from .attention_math import (MaskedAttention, attention_backward, attention_forward, attention_probs, masked_score,
+                             visibility_bias)
 
 __all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "selected_block_mask"]
 
@@ -34,8 +34,11 @@ class SelectedAttention(nn.Cell):
     Keys and values are first laid out block-major once per forward (:meth:`block_major`: every
     selection block of every segment as one contiguous row of ``l' * D`` values), so each query
     gathers ``k`` large rows, and the scores are one batched matmul per chunk:
-    ``(Hkv*C, G, Dq) @ (Hkv*C, Dq, k*l')``. The backward (``bprop``) gathers again instead of keeping
-    the ``(C, k*l', D)`` copies alive until the backward pass.
+    ``(Hkv*C, G, Dq) @ (Hkv*C, Dq, k*l')``. The backward (``bprop``) is written out on the gathered
+    operands with the ``attention_math`` core formulas and scatters the key/value gradients back with
+    one segment sum per chunk. In PyNative it gathers again; in graph mode common-subexpression
+    elimination shares the forward's gather with it (forcing a regather measured 20% slower at
+    T = 8k for no lower peak memory).
 
     Args:
         config (NSAConfig): sizes.
@@ -59,11 +62,7 @@ class SelectedAttention(nn.Cell):
         self.offsets = Tensor(np.arange(config.select_block_size, dtype=np.int32))
         # a constant, not ops.arange: MindSpore 2.9 fails to compile ops.arange inside a graph-mode bprop
         self.kv_head_ids = Tensor(np.arange(config.num_kv_heads, dtype=np.int32))
-        # primitives (not ops.* functions) in what bprop calls, see attention_math.softmax_over_visible
-        self.bmm = ops.BatchMatMul()
-        self.bmm_transpose_a = ops.BatchMatMul(transpose_a=True)
-        self.bmm_transpose_b = ops.BatchMatMul(transpose_b=True)
-        self.row_sum = ops.ReduceSum(keep_dims=True)
+        # primitives (not ops.* functions with a Python branch) in what bprop calls, see attention_math
         self.zeros_like = ops.ZerosLike()
         self.segment_sum = ops.UnsortedSegmentSum()
 
@@ -83,7 +82,7 @@ class SelectedAttention(nn.Cell):
 
     def _gathered(self, q, k_blocks, v_blocks, blocks, valid, block_base, position):
         """The per-query operands: grouped queries ``(Hkv*C, G, Dq)``, gathered keys ``(Hkv*C, k*l', Dq)``
-        and values, the visibility ``(Hkv*C, 1, k*l')`` and the block-major row of every slot."""
+        and values, the score bias ``(Hkv*C, 1, k*l')`` and the block-major row of every slot."""
         rows, heads, dim = q.shape
         kv_heads, _, count = blocks.shape
         per_head = k_blocks.shape[0] // kv_heads
@@ -100,35 +99,36 @@ class SelectedAttention(nn.Cell):
         index = index.reshape(-1)
         k_sel = ops.gather(k_blocks, index, 0).reshape(kv_heads * rows, keys, dim)
         v_sel = ops.gather(v_blocks, index, 0).reshape(kv_heads * rows, keys, dim_v)
-        q_sel = q.reshape(rows, kv_heads, heads // kv_heads, dim).transpose(1, 0, 2, 3).reshape(
-            kv_heads * rows, heads // kv_heads, dim)
-        return q_sel, k_sel, v_sel, visible.reshape(kv_heads * rows, 1, keys), index
+        q_sel = self._by_kv_head(q, kv_heads)
+        bias = visibility_bias(visible.reshape(kv_heads * rows, 1, keys), q.dtype, self.masked)
+        return q_sel, k_sel, v_sel, bias, index
 
-    def _probs(self, q_sel, k_sel, visible):
-        return softmax_over_visible(self.bmm_transpose_b(q_sel, k_sel) * self.scale, visible, self.masked)
+    @staticmethod
+    def _by_kv_head(x, kv_heads):
+        """``(C, H, D)`` -> ``(Hkv*C, G, D)``, the layout of the gathered operands."""
+        rows, heads, dim = x.shape
+        return x.reshape(rows, kv_heads, heads // kv_heads, dim).transpose(1, 0, 2, 3).reshape(
+            kv_heads * rows, heads // kv_heads, dim)
 
     def construct(self, q, k_blocks, v_blocks, blocks, valid, block_base, position):
         rows, heads, _ = q.shape
         kv_heads = blocks.shape[0]
-        q_sel, k_sel, v_sel, visible, _ = self._gathered(q, k_blocks, v_blocks, blocks, valid, block_base, position)
-        out = self.bmm(self._probs(q_sel, k_sel, visible), v_sel)
+        q_sel, k_sel, v_sel, bias, _ = self._gathered(q, k_blocks, v_blocks, blocks, valid, block_base, position)
+        out = attention_forward(q_sel, k_sel, v_sel, bias, self.scale)[0]
         return out.reshape(kv_heads, rows, heads // kv_heads, -1).transpose(1, 0, 2, 3).reshape(rows, heads, -1)
 
     def bprop(self, q, k_blocks, v_blocks, blocks, valid, block_base, position, out, dout):
         """Gradients for ``q``, ``k_blocks`` and ``v_blocks`` (none through the selection)."""
         rows, heads, dim = q.shape
         kv_heads = blocks.shape[0]
-        q_sel, k_sel, v_sel, visible, index = self._gathered(q, k_blocks, v_blocks, blocks, valid, block_base,
-                                                             position)
-        probs = self._probs(q_sel, k_sel, visible)  # (Hkv*C, G, K)
-        d_out = dout.reshape(rows, kv_heads, heads // kv_heads, -1).transpose(1, 0, 2, 3).reshape(
-            kv_heads * rows, heads // kv_heads, -1)
-        d_probs = self.bmm_transpose_b(d_out, v_sel)
-        d_scores = probs * (d_probs - self.row_sum(d_probs * probs, -1)) * self.scale
-        d_q = self.bmm(d_scores, k_sel).reshape(kv_heads, rows, heads // kv_heads, dim).transpose(1, 0, 2, 3)
+        q_sel, k_sel, v_sel, bias, index = self._gathered(q, k_blocks, v_blocks, blocks, valid, block_base, position)
+        probs = attention_probs(q_sel, k_sel, bias, self.scale)
+        d_q, d_k, d_v = attention_backward(q_sel, k_sel, v_sel, probs, self._by_kv_head(out, kv_heads),
+                                           self._by_kv_head(dout, kv_heads), self.scale)
+        d_q = d_q.reshape(kv_heads, rows, heads // kv_heads, dim).transpose(1, 0, 2, 3)
         slots = index.shape[0]
-        d_k = self.segment_sum(self.bmm_transpose_a(d_scores, q_sel).reshape(slots, -1), index, k_blocks.shape[0])
-        d_v = self.segment_sum(self.bmm_transpose_a(probs, d_out).reshape(slots, -1), index, v_blocks.shape[0])
+        d_k = self.segment_sum(d_k.reshape(slots, -1), index, k_blocks.shape[0])
+        d_v = self.segment_sum(d_v.reshape(slots, -1), index, v_blocks.shape[0])
         return (d_q.reshape(rows, heads, dim), d_k, d_v, self.zeros_like(blocks), self.zeros_like(valid),
                 self.zeros_like(block_base), self.zeros_like(position))
 
@@ -142,7 +142,7 @@ class BlockMaskedSelectedAttention(nn.Cell):
 
     Inputs:
         q (Tensor): ``(Hkv, G*C, Dq)`` grouped queries of a chunk (``attention_math.group_queries``).
-        k (Tensor): ``(R, Hkv, Dq)`` the rows before the chunk's end; ``v``: ``(R, Hkv, Dv)``.
+        k (Tensor): ``(Hkv, R, Dq)`` the rows before the chunk's end, head-major; ``v``: ``(Hkv, R, Dv)``.
         key_segment, key_position (Tensor): ``(R,)`` int32 segment ids and in-segment positions of those rows.
         blocks, valid (Tensor): ``(Hkv, C, k)`` selected in-segment block ids and slot validity.
         segment, position (Tensor): ``(C,)`` int32 segment ids and in-segment positions of the queries.
@@ -154,21 +154,21 @@ class BlockMaskedSelectedAttention(nn.Cell):
     def __init__(self, config):
         super().__init__()
         self.block = config.select_block_size
-        self.scale = config.scale
-        self.bmm_transpose_b = ops.BatchMatMul(transpose_b=True)
+        self.masked = masked_score(config.ms_compute_dtype)
+        self.attention = MaskedAttention(config.scale)
 
     def construct(self, q, k, v, key_segment, key_position, blocks, valid, segment, position):
-        kv_heads, grouped, _ = q.shape
+        kv_heads, _, _ = q.shape
         rows = segment.shape[0]
-        keys = k.shape[0]
+        keys = k.shape[1]
+        dtype = q.dtype
         num_blocks = (keys - 1) // self.block + 1  # in-segment blocks of rows before the chunk's end
-        chosen = selected_block_mask(blocks, valid, num_blocks)  # (Hkv, C, B)
-        key_block = ops.broadcast_to((key_position // self.block).reshape(1, 1, keys), (kv_heads, rows, keys))
-        visible = ops.logical_and(
-            ops.gather_elements(chosen.astype(ms.int32), 2, key_block) > 0,
-            ops.logical_and(key_segment.reshape(1, 1, -1) == segment.reshape(1, -1, 1),
-                            key_position.reshape(1, 1, -1) <= position.reshape(1, -1, 1)))
-        scores = (self.bmm_transpose_b(q, k.transpose(1, 0, 2)) * self.scale).reshape(
-            kv_heads, grouped // rows, rows, keys)
-        probs = masked_softmax(scores, visible.reshape(kv_heads, 1, rows, keys))
-        return mint.bmm(probs.reshape(kv_heads, grouped, keys), v.transpose(1, 0, 2))
+        chosen = selected_block_mask(blocks, valid, num_blocks).astype(dtype).reshape(kv_heads * rows, num_blocks)
+        key_block = (key_position // self.block).reshape(1, keys) == ops.arange(
+            0, num_blocks, dtype=key_position.dtype).reshape(-1, 1)
+        # 1.0 where the key's block is selected (a matmul with the keys' one-hot blocks, exact: 0/1 sums)
+        in_selected = ops.matmul(chosen, key_block.astype(dtype)).reshape(kv_heads, rows, keys)
+        causal = ops.logical_and(key_segment.reshape(1, -1) == segment.reshape(-1, 1),
+                                 key_position.reshape(1, -1) <= position.reshape(-1, 1))
+        visible = in_selected * causal.astype(dtype).reshape(1, rows, keys)
+        return self.attention(q, k, v, (1 - visible) * self.masked)[0]

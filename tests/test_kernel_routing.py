@@ -97,7 +97,7 @@ def test_masks_for_the_compressed_attention_kernel():
 def _routed(monkeypatch, calls):
     """Tell the layer it is on Ascend; count the ``nsa_layers.ops`` calls (which run their fallbacks)."""
     monkeypatch.setattr(kernel_routing, "on_ascend", lambda: True)
-    kernel_routing._route.cache_clear()  # pylint: disable=protected-access
+    kernel_routing.route_for.cache_clear()
     for module, name in ((compressor_module, "nsa_compress"), (attention_module, "nsa_compress_attention"),
                          (attention_module, "nsa_select_attention")):
         original = getattr(module, name)
@@ -114,7 +114,7 @@ def _routed_case():
     case = Case(NSAConfig(**PAPER, compute_dtype="float16"), [1024, 1088], seed=21)
     case.q = (case.q * 3).astype(np.float32)  # peaked compression probabilities: fewer near-ties in fp16
     yield case
-    kernel_routing._route.cache_clear()  # pylint: disable=protected-access
+    kernel_routing.route_for.cache_clear()
 
 
 def test_kernel_route_gives_the_exact_nsa(monkeypatch, routed_case):
