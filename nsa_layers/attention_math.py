@@ -8,7 +8,8 @@ Shapes: a chunk of ``C`` queries ``(C, H, D)`` with ``H = Hkv * G`` heads, head 
 import mindspore as ms
 from mindspore import nn, ops
 
-__all__ = ["MASKED", "masked_score", "group_queries", "ungroup_outputs", "visibility_bias", "attention_forward", "attention_probs", "attention_backward", "MaskedAttention"]
+__all__ = ["MASKED", "masked_score", "group_queries", "ungroup_outputs", "visibility_bias", "attention_forward",
+           "attention_probs", "attention_backward", "MaskedAttention"]
 
 # Primitives, not ops.* functions: what a graph-mode bprop calls must not contain a Python branch
 # (MindSpore 2.9 fails to compile it, and most ops.* functions have one).
@@ -77,7 +78,7 @@ def attention_probs(q, k, bias, scale):
     batch, grouped, _ = q.shape
     keys = k.shape[1]
     rows = bias.shape[1]
-    scores = (_BMM_TRANSPOSE_B(q, k) * scale).reshape(batch, grouped // rows, rows, keys)
+    scores = _BMM_TRANSPOSE_B(q * scale, k).reshape(batch, grouped // rows, rows, keys)  # scale the small operand
     return _SOFTMAX(scores + bias.reshape(bias.shape[0], 1, rows, keys))
 
 
@@ -90,8 +91,8 @@ def attention_backward(q, k, v, probs, out, d_out, scale):
     batch, grouped, _ = q.shape
     keys = k.shape[1]
     probs = probs.reshape(batch, grouped, keys)
-    d_scores = probs * (_BMM_TRANSPOSE_B(d_out, v) - _ROW_SUM(d_out * out, -1)) * scale
-    return _BMM(d_scores, k), _BMM_TRANSPOSE_A(d_scores, q), _BMM_TRANSPOSE_A(probs, d_out)
+    d_scores = probs * (_BMM_TRANSPOSE_B(d_out, v) - _ROW_SUM(d_out * out, -1))  # per unit of scaled score
+    return _BMM(d_scores, k) * scale, _BMM_TRANSPOSE_A(d_scores, q * scale), _BMM_TRANSPOSE_A(probs, d_out)
 
 
 class MaskedAttention(nn.Cell):
