@@ -143,11 +143,10 @@ class NativeSparseAttention(nn.Cell):
         keys_slc = self.selected_attention.block_major(k_slc, block_rows) if gathers else None
         values_slc = self.selected_attention.block_major(v_slc, block_rows) if gathers else None
         row_ids = ops.arange(0, total, dtype=ms.int32)
-        # head-major (Hkv, T, D) copies for the branches that slice rows per chunk
+        # head-major (Hkv, T, D) copies for the branches that slice rows per chunk (unused ones are dropped
+        # by graph compilation)
         k_win_heads, v_win_heads = k_win.transpose(1, 0, 2), v_win.transpose(1, 0, 2)
-        block_masked = min(total, cfg.query_chunk_size) <= cfg.dense_selection_rows and not kernel_slc  # first chunk
-        k_slc_heads = k_slc.transpose(1, 0, 2) if block_masked else None
-        v_slc_heads = v_slc.transpose(1, 0, 2) if block_masked else None
+        k_slc_heads, v_slc_heads = k_slc.transpose(1, 0, 2), v_slc.transpose(1, 0, 2)
 
         parts = []  # per chunk: (o_cmp, o_slc or None, o_win, blocks, valid), (C, ...) layouts
         for c0 in range(0, total, cfg.query_chunk_size):
