@@ -21,6 +21,12 @@ _BMM_TRANSPOSE_A = ops.BatchMatMul(transpose_a=True)
 _BMM_TRANSPOSE_B = ops.BatchMatMul(transpose_b=True)
 _ROW_SUM = ops.ReduceSum(keep_dims=True)
 _ZEROS_LIKE = ops.ZerosLike()
+_ONES_LIKE = ops.OnesLike()
+_TILE = ops.Tile()
+_CONCAT_LAST = ops.Concat(-1)
+# Why nothing here broadcasts: on CPU (MindSpore 2.9) a broadcasting binary op on a score-sized tensor
+# takes about 6x its output in memory and is slower than a same-shape op plus an explicit tile, and in
+# a graph-mode training step the memory of every op stays allocated for the whole step.
 
 # Score of a masked key: finite, so no inf - inf; exp(MASKED - row max) is exactly 0 in float32.
 MASKED = -1e30
@@ -78,8 +84,10 @@ def attention_probs(q, k, bias, scale):
     batch, grouped, _ = q.shape
     keys = k.shape[1]
     rows = bias.shape[1]
-    scores = _BMM_TRANSPOSE_B(q * scale, k).reshape(batch, grouped // rows, rows, keys)  # scale the small operand
-    return _SOFTMAX(scores + bias.reshape(bias.shape[0], 1, rows, keys))
+    scores = _BMM_TRANSPOSE_B(q * scale, k)  # (B, G*C, N); scale the small operand
+    # the bias of every query group, the scores' shape (a Python `if` here breaks graph-mode bprops)
+    return _SOFTMAX(scores + _TILE(bias, (batch // bias.shape[0], grouped // rows, 1))).reshape(
+        batch, grouped // rows, rows, keys)
 
 
 def attention_backward(q, k, v, probs, out, d_out, scale):
@@ -87,11 +95,18 @@ def attention_backward(q, k, v, probs, out, d_out, scale):
 
     The softmax backward uses ``sum_j P_ij dP_ij = dO_i . O_i`` (one reduction over ``Dv`` instead of
     over the keys, as FlashAttention does); it holds for every row, since each row of ``probs`` sums to 1.
+    When the query rows outnumber ``Dv``, that row term is subtracted inside the ``dP`` matmul (``dO``
+    gets the column ``-dO.O``, ``v`` a column of ones), else it is tiled over the keys: no broadcast.
     """
     batch, grouped, _ = q.shape
     keys = k.shape[1]
     probs = probs.reshape(batch, grouped, keys)
-    d_scores = probs * (_BMM_TRANSPOSE_B(d_out, v) - _ROW_SUM(d_out * out, -1))  # per unit of scaled score
+    row_term = _ROW_SUM(d_out * out, -1)  # (B, G*C, 1)
+    if grouped > v.shape[2]:  # static shapes
+        d_probs = _BMM_TRANSPOSE_B(_CONCAT_LAST((d_out, -row_term)), _CONCAT_LAST((v, _ONES_LIKE(v[:, :, :1]))))
+    else:
+        d_probs = _BMM_TRANSPOSE_B(d_out, v) - _TILE(row_term, (1, 1, keys))
+    d_scores = probs * d_probs  # per unit of scaled score
     return _BMM(d_scores, k) * scale, _BMM_TRANSPOSE_A(d_scores, q * scale), _BMM_TRANSPOSE_A(probs, d_out)
 
 
