@@ -11,8 +11,9 @@ from mindspore import nn, ops
 __all__ = ["MASKED", "masked_score", "group_queries", "ungroup_outputs", "visibility_bias", "attention_forward",
            "attention_probs", "attention_backward", "MaskedAttention"]
 
-# Primitives, not ops.* functions: what a graph-mode bprop calls must not contain a Python branch
-# (MindSpore 2.9 fails to compile it, and most ops.* functions have one).
+# Primitives, not ops.* functions, in what a graph-mode bprop calls: MindSpore 2.9 fails to compile
+# many ops.* functions there (their Python branches). A branch on static shapes compiles when both arms
+# assign (attention_backward); one without `else` does not (hence the unconditional tile in attention_probs).
 _SOFTMAX = ops.Softmax(axis=-1)
 _CAST = ops.Cast()
 _LOGICAL_NOT = ops.LogicalNot()
@@ -85,8 +86,7 @@ def attention_probs(q, k, bias, scale):
     keys = k.shape[1]
     rows = bias.shape[1]
     scores = _BMM_TRANSPOSE_B(q * scale, k)  # (B, G*C, N); scale the small operand
-    # the bias of every query group, the scores' shape (always tiled: an `if` without `else` here
-    # fails to compile inside a graph-mode bprop)
+    # the bias of every query group, the scores' shape (tiled even when that is a copy, see the primitives)
     return _SOFTMAX(scores + _TILE(bias, (batch // bias.shape[0], grouped // rows, 1))).reshape(
         batch, grouped // rows, rows, keys)
 
