@@ -31,6 +31,11 @@ from .ops import nsa_compress_attention, nsa_select_attention
 __all__ = ["NativeSparseAttention"]
 
 
+def _joined(pieces):
+    """Row pieces ``(Hkv, r_i, D)`` -> ``(Hkv, sum r_i, D)`` (no copy for a single piece)."""
+    return pieces[0] if len(pieces) == 1 else ops.cat(pieces, 1)
+
+
 class NativeSparseAttention(nn.Cell):
     """The NSA core: compressors, the three branches and the gated sum, on packed batches.
 
@@ -143,16 +148,20 @@ class NativeSparseAttention(nn.Cell):
         keys_slc = self.selected_attention.block_major(k_slc, block_rows) if gathers else None
         values_slc = self.selected_attention.block_major(v_slc, block_rows) if gathers else None
         row_ids = ops.arange(0, total, dtype=ms.int32)
-        # head-major (Hkv, T, D) copies for the branches that slice rows per chunk (unused ones are dropped
-        # by graph compilation)
-        k_win_heads, v_win_heads = k_win.transpose(1, 0, 2), v_win.transpose(1, 0, 2)
-        k_slc_heads, v_slc_heads = k_slc.transpose(1, 0, 2), v_slc.transpose(1, 0, 2)
+        # Queries and the head-major (Hkv, T, D) keys/values are split into the query chunks once: a chunk
+        # then joins the pieces it reads. (Slicing rows per chunk instead costs, in the backward, a
+        # T-sized gradient per chunk and slice.) Pieces a path does not use are dropped by graph compilation.
+        chunk = cfg.query_chunk_size
+        sizes = [min(chunk, total - c0) for c0 in range(0, total, chunk)]
+        q_pieces = ops.split(q, sizes, 0)
+        k_win_pieces, v_win_pieces = (ops.split(x.transpose(1, 0, 2), sizes, 1) for x in (k_win, v_win))
+        k_slc_pieces, v_slc_pieces = (ops.split(x.transpose(1, 0, 2), sizes, 1) for x in (k_slc, v_slc))
 
         parts = []  # per chunk: (o_cmp, o_slc or None, o_win, blocks, valid), (C, ...) layouts
-        for c0 in range(0, total, cfg.query_chunk_size):
-            c1 = min(total, c0 + cfg.query_chunk_size)
-            rows = c1 - c0
-            q_chunk = q[c0:c1]
+        for j, rows in enumerate(sizes):
+            c0 = j * chunk
+            c1 = c0 + rows
+            q_chunk = q_pieces[j]
             q_grouped = group_queries(q_chunk, kv_heads)
             seg_q, pos_q = segment[c0:c1], position[c0:c1]
             if kernel_cmp:
@@ -171,15 +180,18 @@ class NativeSparseAttention(nn.Cell):
                 o_slc = None
             elif c1 <= cfg.dense_selection_rows:
                 o_slc = ungroup_outputs(self.block_masked_selected_attention(
-                    q_grouped, k_slc_heads[:, :c1], v_slc_heads[:, :c1], segment[:c1], position[:c1], blocks, valid,
-                    seg_q, pos_q), rows)
+                    q_grouped, _joined(k_slc_pieces[:j + 1]), _joined(v_slc_pieces[:j + 1]), segment[:c1],
+                    position[:c1], blocks, valid, seg_q, pos_q), rows)
             else:
                 o_slc = self.selected_attention(q_chunk, keys_slc, values_slc, blocks, valid, block_base[c0:c1],
                                                 pos_q)
+            # rows c0 - w + 1 .. c1 - 1: the tail of piece `first`, then whole pieces
             r0 = max(0, c0 - cfg.window_size + 1)
+            first = r0 // chunk
             o_win = ungroup_outputs(self.sliding_window(
-                q_grouped, k_win_heads[:, r0:c1], v_win_heads[:, r0:c1], segment[r0:c1], row_ids[r0:c1], seg_q,
-                row_ids[c0:c1]), rows)
+                q_grouped, _joined((k_win_pieces[first][:, r0 - first * chunk:],) + k_win_pieces[first + 1:j + 1]),
+                _joined((v_win_pieces[first][:, r0 - first * chunk:],) + v_win_pieces[first + 1:j + 1]),
+                segment[r0:c1], row_ids[r0:c1], seg_q, row_ids[c0:c1]), rows)
             parts.append((o_cmp, o_slc, o_win, blocks.transpose(1, 0, 2), valid.transpose(1, 0, 2)))
         o_cmp, o_win, blocks, valid = (ops.cat([p[i] for p in parts], 0) for i in (0, 2, 3, 4))
         if kernel_slc:

@@ -25,7 +25,9 @@ class CompressedAttention(nn.Cell):
 
     Outputs:
         ``(out (Hkv, G*C, Dv), probs (Hkv, G, C, S))``: float, the probabilities for block selection
-        (zero rows for queries that see no window; no gradient flows through them).
+        (no gradient flows through them). A query that sees no window (``t < l - 1``) has arbitrary
+        probabilities over masked windows; they do not matter to selection, since such a query is in
+        block 0 (``l' >= l``), its only candidate, which is forced.
     """
 
     def __init__(self, config):
@@ -40,7 +42,7 @@ class CompressedAttention(nn.Cell):
             ops.logical_and(slot_valid.reshape(1, -1), slot_segment.reshape(1, -1) == segment.reshape(-1, 1)),
             slot_last.reshape(1, -1) <= position.reshape(-1, 1))
         out, probs = self.attention(q, k, v, visibility_bias(visible, q.dtype, self.masked).reshape(1, rows, -1))
-        # rows that see no window have uniform probabilities over masked keys: zero them (and so their gradient)
+        # rows that see no window attend uniformly to masked keys: zero their outputs (and so their gradients)
         sees = visible.any(axis=-1).astype(q.dtype).reshape(1, 1, rows, 1)
         out = (out.reshape(kv_heads, grouped // rows, rows, -1) * sees).reshape(kv_heads, grouped, -1)
-        return out, probs * sees
+        return out, probs

@@ -37,7 +37,8 @@ class BlockSelector(nn.Cell):
 
     Inputs:
         probs (Tensor): ``(Hkv, G, C, S)`` compression probabilities of a chunk (zero outside the
-            query's segment and for windows not yet visible).
+            query's segment and for windows not yet visible, except in the rows of queries that see no
+            window: any finite values there, since such a query's only candidate is block 0).
         first_slot (Tensor): ``(C,)`` int32, slot of the first window of each query's segment.
         position (Tensor): ``(C,)`` int32 in-segment positions.
         num_blocks (int): static bound on the blocks a query of the chunk can select (``own + 1``).

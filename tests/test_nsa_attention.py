@@ -21,7 +21,7 @@ def _cases(draw):
         head_dim=draw(st.sampled_from([8, 16])), v_head_dim=draw(st.sampled_from([8, 16])),
         compress_block_size=draw(st.sampled_from([4, 8])), select_block_count=draw(st.integers(init + local, 4)),
         num_init_blocks=init, num_local_blocks=local,
-        window_size=draw(st.integers(1, 20)), query_chunk_size=draw(st.sampled_from([16, 40, 200])),
+        window_size=draw(st.integers(1, 40)), query_chunk_size=draw(st.sampled_from([16, 40, 200])),
         select_dense_rows=draw(st.sampled_from([0, 40, None])), use_position_embedding=draw(st.booleans()))
     n = draw(st.integers(1, 4))
     lengths = draw(st.lists(st.integers(0, 70), min_size=n, max_size=n))
@@ -50,8 +50,10 @@ def test_paper_sizes_match_reference(dense_rows):
 
 
 def test_graph_mode_with_mindformers_prefix_sums():
-    """Compiled, with the prefix sums as a tensor as MindFormers gives them (leading 0, padding)."""
-    c = Case(small_config(query_chunk_size=200), [30, 5, 41], seed=6)
+    """Compiled, with the prefix sums as a tensor as MindFormers gives them (leading 0, padding); the
+    window (40 rows) spans three query chunks (16 rows)."""
+    c = Case(small_config(query_chunk_size=16, window_size=40), [30, 5, 41], seed=6)
+    check_against_reference(c)
     eager = c.run()
     ends = Tensor(np.array([0, 30, 35, 76, 76, 76], np.int32))
     q, k, v, gates = c.tensors()
