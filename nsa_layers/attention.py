@@ -51,7 +51,7 @@ class NativeSparseAttention(nn.Cell):
             int Tensor as MindFormers gives it (leading 0, repeated values and padding tolerated).
 
     Outputs:
-        Tensor ``(T, H, Dv)`` in the dtype of ``q``.
+        Tensor ``(T, H, Dv)`` in the dtype of ``q`` (empty for ``T = 0``).
 
     Parameters: ``k_compressor`` and ``v_compressor`` (``KVCompressor``: per-head weights
     ``(l, Hkv)``, initialised as mean pooling; the value compressor also has the optional
@@ -113,6 +113,10 @@ class NativeSparseAttention(nn.Cell):
         total = q.shape[0]
         kv_heads = cfg.num_kv_heads
         out_dtype = q.dtype
+        if total == 0:  # no tokens (MindSpore's reductions reject empty inputs): empty outputs
+            empty = ops.zeros((0, cfg.num_heads, cfg.v_head_dim), dtype)
+            blocks = ops.zeros((0, kv_heads, cfg.select_block_count), ms.int32)
+            return empty.astype(out_dtype), empty, empty, empty, blocks, blocks > 0
         q = q.astype(dtype)
         gates = gates.astype(dtype)
         (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = self._branch_inputs(k, v)

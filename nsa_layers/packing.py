@@ -247,6 +247,9 @@ def layout_tensors(ends, total):
     Returns:
         tuple of four ``(T,)`` int32 tensors: ``(segment_id, position, start_row, segment_length)``.
     """
+    if total == 0:  # no tokens (MindSpore's max and min reject empty inputs)
+        empty = ops.zeros((0,), ms.int32)
+        return empty, empty, empty, empty
     ends = _ends_tensor(ends).reshape(1, -1)
     rows = ops.arange(0, total, dtype=ms.int32).reshape(-1, 1)
     passed = ends <= rows  # (T, E): ends at or before each token

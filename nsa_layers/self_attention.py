@@ -1,6 +1,6 @@
 """``NSASelfAttention``: hidden states in, hidden states out, with NSA as the attention."""
 
-from mindspore import nn
+from mindspore import nn, ops
 
 from . import packing
 from .attention import NativeSparseAttention
@@ -28,7 +28,8 @@ class NSASelfAttention(nn.Cell):
         position_ids (Tensor, optional): keyword, ``(T,)`` positions for the rotary hook.
 
     Outputs:
-        Tensor ``(T, hidden_size)`` in the dtype of ``hidden_states``.
+        Tensor ``(T, hidden_size)`` in the dtype of ``hidden_states`` (empty for ``T = 0``, with zero
+        gradients).
     """
 
     def __init__(self, config, rotary=None):
@@ -47,6 +48,9 @@ class NSASelfAttention(nn.Cell):
     def construct(self, hidden_states, actual_seq_len=None, position_ids=None):
         cfg = self.config
         total = hidden_states.shape[0]
+        if total == 0:  # no tokens: empty output, zero gradients (MindSpore's CPU MatMul leaves a product
+            # over zero rows uninitialised, so the projections' weight gradients would be garbage)
+            return ops.zeros((0, cfg.hidden_size), hidden_states.dtype)
         x = hidden_states.astype(cfg.ms_compute_dtype)
         ends = packing.prefix_sums_tensor(actual_seq_len, total)
         q = self.q_proj(x).reshape(total, cfg.num_heads, cfg.head_dim)

@@ -9,7 +9,7 @@ from nsa_layers import NSASelfAttention, RotaryEmbedding
 from nsa_layers import packing
 
 import nsa_reference as nref
-from conftest import random_normal
+from conftest import random_normal, run
 from nsa_cases import small_config
 
 
@@ -86,3 +86,22 @@ def test_bfloat16_hidden_states_come_back_in_bfloat16():
     out = layer(x, actual_seq_len=(7, 20))
     assert out.dtype == ms.bfloat16 and out.shape == (20, cfg.hidden_size)
     assert np.isfinite(out.astype(ms.float32).asnumpy()).all()
+
+
+def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(mode):
+    """T = 0 (no tokens at all): empty outputs of the right shapes, and zero parameter gradients."""
+    cfg, layer = _layer()
+    x = Tensor(np.zeros((0, cfg.hidden_size), np.float32))
+
+    def loss(inputs):
+        return layer(inputs).sum()
+
+    assert run(mode, layer, x).shape == (0, cfg.hidden_size)
+    weight_grads = run(mode, ms.grad(loss, grad_position=None, weights=layer.trainable_params()), x)
+    assert [p.name for p, g in zip(layer.trainable_params(), weight_grads) if g.asnumpy().any()] == []
+    details = layer.core.forward_with_details(Tensor(np.zeros((0, cfg.num_heads, cfg.head_dim), np.float32)),
+                                              Tensor(np.zeros((0, cfg.num_kv_heads, cfg.head_dim), np.float32)),
+                                              Tensor(np.zeros((0, cfg.num_kv_heads, cfg.v_head_dim), np.float32)),
+                                              Tensor(np.zeros((0, cfg.num_heads, 3), np.float32)))
+    assert [d.shape for d in details] == [(0, cfg.num_heads, cfg.v_head_dim)] * 4 + [
+        (0, cfg.num_kv_heads, cfg.select_block_count)] * 2

@@ -88,3 +88,12 @@ def test_tensor_versions_match_host_versions(mode, raw):
     host = packing.token_segment_ids(prefix)
     # ids may skip numbers (repeated ends) but two tokens share an id iff they share a segment
     assert np.array_equal(seg[:, None] == seg[None, :], host[:, None] == host[None, :])
+
+
+def test_layout_of_no_tokens_is_empty(mode):
+    """T = 0: four empty int32 tensors (MindSpore's max and min reject empty inputs)."""
+    def fn(ends):
+        return packing.layout_tensors(ends, 0)
+
+    layout = run(mode, fn, ms.Tensor(np.array([0], np.int32)))
+    assert [(x.shape, x.dtype) for x in layout] == [((0,), ms.int32)] * 4
