@@ -31,7 +31,7 @@ class RotaryEmbedding(nn.Cell):
 
     def construct(self, x, positions):
         angles = positions.astype(ms.float32).reshape(-1, 1) * self.inv_freq.reshape(1, -1)
-        angles = ops.cat((angles, angles), axis=-1).reshape(x.shape[0], 1, -1)
+        angles = ops.cat((angles, angles), axis=-1).reshape(x.shape[0], 1, 2 * self.half)  # T may be 0
         cos, sin = ops.cos(angles).astype(x.dtype), ops.sin(angles).astype(x.dtype)
         rotated = ops.cat((-x[..., self.half:], x[..., :self.half]), axis=-1)
         return x * cos + rotated * sin

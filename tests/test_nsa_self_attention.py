@@ -89,7 +89,8 @@ def test_bfloat16_hidden_states_come_back_in_bfloat16():
 
 
 def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(mode):
-    """T = 0 (no tokens at all): empty outputs of the right shapes, and zero parameter gradients."""
+    """T = 0 (no tokens at all): empty outputs of the right shapes (layer, core, rotary hook), and zero
+    parameter gradients."""
     cfg, layer = _layer()
     x = Tensor(np.zeros((0, cfg.hidden_size), np.float32))
 
@@ -105,3 +106,6 @@ def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(mode):
                                               Tensor(np.zeros((0, cfg.num_heads, 3), np.float32)))
     assert [d.shape for d in details] == [(0, cfg.num_heads, cfg.v_head_dim)] * 4 + [
         (0, cfg.num_kv_heads, cfg.select_block_count)] * 2
+    rotated = layer.rotary(Tensor(np.zeros((0, cfg.num_heads, cfg.head_dim), np.float32)),
+                           Tensor(np.zeros((0,), np.int32)))
+    assert rotated.shape == (0, cfg.num_heads, cfg.head_dim)
