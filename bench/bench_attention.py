@@ -113,7 +113,7 @@ def main():
     parser.add_argument("--layouts", nargs="+", default=["one", "packed"], choices=["one", "packed"])
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--steps", type=int, default=4, help="timed steps after compile and one warm-up")
-    parser.add_argument("--chunk", type=int, default=256, help="NSA query_chunk_size")
+    parser.add_argument("--chunk", type=int, default=512, help="NSA query_chunk_size")
     parser.add_argument("--one", nargs=3, metavar=("IMPL", "T", "LAYOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

@@ -30,7 +30,7 @@ class NSAQwen3Config(Qwen3Config):
     (l', 64), ``nsa_select_block_count`` (n, 16), ``nsa_num_init_blocks`` (1), ``nsa_num_local_blocks``
     (2), ``nsa_window_size`` (w, 512), ``nsa_independent_kv`` (False: the host's K/V shared by the
     three branches; True adds a projection for the compressed and window branches'
-    K/V), ``nsa_use_position_embedding`` (True), ``nsa_query_chunk_size`` (256 queries per chunk),
+    K/V), ``nsa_use_position_embedding`` (True), ``nsa_query_chunk_size`` (512 queries per chunk),
     ``nsa_select_dense_rows`` (None: ``4 * n * l'``, see ``NSAConfig``).
     Sizes are in tokens. Head sizes, GQA and the compute dtype come from the Qwen3 keys.
 
