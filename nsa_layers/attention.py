@@ -31,9 +31,15 @@ from .ops import nsa_compress_attention, nsa_select_attention
 __all__ = ["NativeSparseAttention"]
 
 
-def _joined(pieces):
-    """Row pieces ``(Hkv, r_i, D)`` -> ``(Hkv, sum r_i, D)`` (no copy for a single piece)."""
-    return pieces[0] if len(pieces) == 1 else ops.cat(pieces, 1)
+def _rows_from_pieces(pieces, chunk, r0, last):
+    """Rows ``r0 ..`` the end of piece ``last`` of head-major rows split into pieces of ``chunk`` rows
+    (``(Hkv, r_i, D)`` each) -> ``(Hkv, R, D)``: the tail of the piece holding ``r0``, then whole pieces
+    (slices of pieces, so each gradient is piece-sized; no copy for a single whole piece)."""
+    first = r0 // chunk
+    offset = r0 - first * chunk
+    head = pieces[first] if offset == 0 else pieces[first][:, offset:]
+    rows = (head,) + pieces[first + 1:last + 1]
+    return rows[0] if len(rows) == 1 else ops.cat(rows, 1)
 
 
 class NativeSparseAttention(nn.Cell):
@@ -115,8 +121,8 @@ class NativeSparseAttention(nn.Cell):
         out_dtype = q.dtype
         if total == 0:  # no tokens (MindSpore's reductions reject empty inputs): empty outputs
             empty = ops.zeros((0, cfg.num_heads, cfg.v_head_dim), dtype)
-            blocks = ops.zeros((0, kv_heads, cfg.select_block_count), ms.int32)
-            return empty.astype(out_dtype), empty, empty, empty, blocks, blocks > 0
+            slots = (0, kv_heads, cfg.select_block_count)
+            return empty.astype(out_dtype), empty, empty, empty, ops.zeros(slots, ms.int32), ops.zeros(slots, ms.bool_)
         q = q.astype(dtype)
         gates = gates.astype(dtype)
         (k_cmp, v_cmp), (k_slc, v_slc), (k_win, v_win) = self._branch_inputs(k, v)
@@ -184,17 +190,15 @@ class NativeSparseAttention(nn.Cell):
                 o_slc = None
             elif c1 <= cfg.dense_selection_rows:
                 o_slc = ungroup_outputs(self.block_masked_selected_attention(
-                    q_grouped, _joined(k_slc_pieces[:j + 1]), _joined(v_slc_pieces[:j + 1]), segment[:c1],
-                    position[:c1], blocks, valid, seg_q, pos_q), rows)
+                    q_grouped, _rows_from_pieces(k_slc_pieces, chunk, 0, j),
+                    _rows_from_pieces(v_slc_pieces, chunk, 0, j), segment[:c1], position[:c1], blocks, valid,
+                    seg_q, pos_q), rows)
             else:
                 o_slc = self.selected_attention(q_chunk, keys_slc, values_slc, blocks, valid, block_base[c0:c1],
                                                 pos_q)
-            # rows c0 - w + 1 .. c1 - 1: the tail of piece `first`, then whole pieces
-            r0 = max(0, c0 - cfg.window_size + 1)
-            first = r0 // chunk
+            r0 = max(0, c0 - cfg.window_size + 1)  # the window's first row
             o_win = ungroup_outputs(self.sliding_window(
-                q_grouped, _joined((k_win_pieces[first][:, r0 - first * chunk:],) + k_win_pieces[first + 1:j + 1]),
-                _joined((v_win_pieces[first][:, r0 - first * chunk:],) + v_win_pieces[first + 1:j + 1]),
+                q_grouped, _rows_from_pieces(k_win_pieces, chunk, r0, j), _rows_from_pieces(v_win_pieces, chunk, r0, j),
                 segment[r0:c1], row_ids[r0:c1], seg_q, row_ids[c0:c1]), rows)
             parts.append((o_cmp, o_slc, o_win, blocks.transpose(1, 0, 2), valid.transpose(1, 0, 2)))
         o_cmp, o_win, blocks, valid = (ops.cat([p[i] for p in parts], 0) for i in (0, 2, 3, 4))
