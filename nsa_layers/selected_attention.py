@@ -166,9 +166,9 @@ class BlockMaskedSelectedAttention(nn.Cell):
         chosen = selected_block_mask(blocks, valid, num_blocks).astype(dtype).reshape(kv_heads * rows, num_blocks)
         key_block = (key_position // self.block).reshape(1, keys) == ops.arange(
             0, num_blocks, dtype=key_position.dtype).reshape(-1, 1)
-        # 1.0 where the key's block is selected (a matmul with the keys' one-hot blocks, exact: 0/1 sums)
-        in_selected = ops.matmul(chosen, key_block.astype(dtype)).reshape(kv_heads, rows, keys)
+        # the key's block is selected: a matmul with the keys' one-hot blocks (exact 0/1 sums)
+        in_selected = ops.matmul(chosen, key_block.astype(dtype)).reshape(kv_heads, rows, keys) > 0.5
         causal = ops.logical_and(key_segment.reshape(1, -1) == segment.reshape(-1, 1),
                                  key_position.reshape(1, -1) <= position.reshape(-1, 1))
-        visible = in_selected * causal.astype(dtype).reshape(1, rows, keys)
-        return self.attention(q, k, v, (1 - visible) * self.masked)[0]
+        visible = ops.logical_and(in_selected, causal.reshape(1, rows, keys))
+        return self.attention(q, k, v, visibility_bias(visible, dtype, self.masked))[0]
