@@ -27,7 +27,7 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 1, 64  # the dense baseline assumes 
 DENSE_CHUNK = 1024  # query rows per chunk in the dense baselines (bounds their transient memory)
 
 
-def run_one(impl, total, layout, steps, chunk):
+def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None):
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindspore import Tensor, nn, ops  # pylint: disable=import-outside-toplevel
     from nsa_layers import NSAConfig, NSASelfAttention, packing  # pylint: disable=import-outside-toplevel
@@ -36,7 +36,8 @@ def run_one(impl, total, layout, steps, chunk):
 
     ms.set_context(mode=ms.GRAPH_MODE)
     cfg = NSAConfig(hidden_size=HIDDEN, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                    v_head_dim=HEAD_DIM, window_size=512, query_chunk_size=chunk, independent_kv=False)
+                    v_head_dim=HEAD_DIM, window_size=512, query_chunk_size=chunk, independent_kv=False,
+                    select_block_count=select_count, select_dense_rows=dense_rows)
     lengths = [total] if layout == "one" else [total // 8 - 37, total // 8 + 37] * 4
     ends = Tensor(np.cumsum(lengths).astype(np.int32))
 
@@ -114,14 +115,20 @@ def main():
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--steps", type=int, default=4, help="timed steps after compile and one warm-up")
     parser.add_argument("--chunk", type=int, default=512, help="NSA query_chunk_size")
+    parser.add_argument("--select-block-count", type=int, default=16, help="NSA n (blocks per query)")
+    parser.add_argument("--select-dense-rows", type=int, default=None,
+                        help="NSA select_dense_rows (default: NSAConfig's, 4 * n * 64)")
     parser.add_argument("--one", nargs=3, metavar=("IMPL", "T", "LAYOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         impl, total, layout = args.one
-        print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk)))
+        print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk, args.select_block_count,
+                                 args.select_dense_rows)))
         return
     print(f"NSASelfAttention vs dense: hidden {HIDDEN}, {HEADS} heads, {KV_HEADS} KV head, head_dim {HEAD_DIM}, "
-          f"l=32 d=16 l'=64 n=16, window 512, NSA query chunk {args.chunk}; forward+backward, mindspore.jit; "
+          f"l=32 d=16 l'=64 n={args.select_block_count}, window 512, NSA query chunk {args.chunk}"
+          + (f", select_dense_rows {args.select_dense_rows}" if args.select_dense_rows is not None else "")
+          + "; forward+backward, mindspore.jit; "
           f"step time s (peak MB)\n")
     print("| layout | T | NSA | dense | dense / NSA | dense-core | dense-core / NSA | NSA compile s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -129,14 +136,19 @@ def main():
         for total in args.lengths:
             row = {}
             for impl in args.impls:
-                done = subprocess.run([sys.executable, __file__, "--one", impl, str(total), layout,
-                                       "--steps", str(args.steps), "--chunk", str(args.chunk)],
+                options = ["--steps", str(args.steps), "--chunk", str(args.chunk),
+                           "--select-block-count", str(args.select_block_count)]
+                if args.select_dense_rows is not None:
+                    options += ["--select-dense-rows", str(args.select_dense_rows)]
+                done = subprocess.run([sys.executable, __file__, "--one", impl, str(total), layout] + options,
                                       capture_output=True, text=True, check=False)
                 lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
                 row[impl] = json.loads(lines[-1]) if done.returncode == 0 and lines else None
 
             def cell(impl):
-                result = row.get(impl)
+                if impl not in row:
+                    return "-"  # not run (--impls)
+                result = row[impl]
                 return f"{result['step_s']:.2f} ({result['peak_mb']:.0f})" if result else "failed"
 
             def ratio(impl):
