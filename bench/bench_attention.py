@@ -125,6 +125,10 @@ def main():
         print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk, args.select_block_count,
                                  args.select_dense_rows)))
         return
+    options = ["--steps", str(args.steps), "--chunk", str(args.chunk), "--select-block-count",
+               str(args.select_block_count)]  # what every subprocess run gets
+    if args.select_dense_rows is not None:
+        options += ["--select-dense-rows", str(args.select_dense_rows)]
     print(f"NSASelfAttention vs dense: hidden {HIDDEN}, {HEADS} heads, {KV_HEADS} KV head, head_dim {HEAD_DIM}, "
           f"l=32 d=16 l'=64 n={args.select_block_count}, window 512, NSA query chunk {args.chunk}"
           + (f", select_dense_rows {args.select_dense_rows}" if args.select_dense_rows is not None else "")
@@ -136,10 +140,6 @@ def main():
         for total in args.lengths:
             row = {}
             for impl in args.impls:
-                options = ["--steps", str(args.steps), "--chunk", str(args.chunk),
-                           "--select-block-count", str(args.select_block_count)]
-                if args.select_dense_rows is not None:
-                    options += ["--select-dense-rows", str(args.select_dense_rows)]
                 done = subprocess.run([sys.executable, __file__, "--one", impl, str(total), layout] + options,
                                       capture_output=True, text=True, check=False)
                 lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
