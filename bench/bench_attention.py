@@ -21,13 +21,13 @@ import time
 
 import numpy as np
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 1, 64  # the dense baseline assumes KV_HEADS == 1
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 1, 64  # HEADS: the default; the dense baseline assumes KV_HEADS == 1
 
 
 DENSE_CHUNK = 1024  # query rows per chunk in the dense baselines (bounds their transient memory)
 
 
-def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None):
+def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None, heads=HEADS):
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindspore import Tensor, nn, ops  # pylint: disable=import-outside-toplevel
     from nsa_layers import NSAConfig, NSASelfAttention, packing  # pylint: disable=import-outside-toplevel
@@ -35,7 +35,7 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None)
                                            visibility_bias)
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    cfg = NSAConfig(hidden_size=HIDDEN, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+    cfg = NSAConfig(hidden_size=HIDDEN, num_heads=heads, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                     v_head_dim=HEAD_DIM, window_size=512, query_chunk_size=chunk, independent_kv=False,
                     select_block_count=select_count, select_dense_rows=dense_rows)
     lengths = [total] if layout == "one" else [total // 8 - 37, total // 8 + 37] * 4
@@ -53,10 +53,11 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None)
 
         def __init__(self, core):
             super().__init__()
-            self.q_proj = nn.Dense(HIDDEN, HEADS * HEAD_DIM, has_bias=False)
+            self.heads = heads
+            self.q_proj = nn.Dense(HIDDEN, heads * HEAD_DIM, has_bias=False)
             self.k_proj = nn.Dense(HIDDEN, KV_HEADS * HEAD_DIM, has_bias=False)
             self.v_proj = nn.Dense(HIDDEN, KV_HEADS * HEAD_DIM, has_bias=False)
-            self.out_proj = nn.Dense(HEADS * HEAD_DIM, HIDDEN, has_bias=False)
+            self.out_proj = nn.Dense(heads * HEAD_DIM, HIDDEN, has_bias=False)
             self.core = core
             self.attention = MaskedAttention(HEAD_DIM ** -0.5)
             self.bmm_tb = ops.BatchMatMul(transpose_b=True)
@@ -66,7 +67,7 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None)
             t = x.shape[0]
             seg, _, _, _ = packing.layout_tensors(actual_seq_len, t)
             rows = ops.arange(0, t, dtype=ms.int32)
-            q = self.q_proj(x).reshape(t, HEADS, HEAD_DIM).transpose(1, 0, 2)  # (H, T, D), KV head 0
+            q = self.q_proj(x).reshape(t, self.heads, HEAD_DIM).transpose(1, 0, 2)  # (H, T, D), KV head 0
             k = self.k_proj(x).reshape(1, t, HEAD_DIM)
             v = self.v_proj(x).reshape(1, t, HEAD_DIM)
             outs = []
@@ -77,13 +78,13 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None)
                                           rows[:keys].reshape(1, -1) <= rows[c0:c1].reshape(-1, 1))
                 bias = visibility_bias(visible, ms.float32, MASKED).reshape(1, c1 - c0, keys)
                 if self.core:
-                    out = self.attention(q[:, c0:c1].reshape(1, HEADS * (c1 - c0), HEAD_DIM), k[:, :keys],
+                    out = self.attention(q[:, c0:c1].reshape(1, self.heads * (c1 - c0), HEAD_DIM), k[:, :keys],
                                          v[:, :keys], bias)[0]
                 else:
-                    scores = self.bmm_tb(q[:, c0:c1], ops.broadcast_to(k, (HEADS, t, HEAD_DIM))) * HEAD_DIM ** -0.5
-                    out = self.bmm(ops.softmax(scores + bias, -1), ops.broadcast_to(v, (HEADS, t, HEAD_DIM)))
-                outs.append(out.reshape(HEADS, c1 - c0, HEAD_DIM))
-            out = ops.cat(outs, 1).transpose(1, 0, 2).reshape(t, HEADS * HEAD_DIM)
+                    scores = self.bmm_tb(q[:, c0:c1], ops.broadcast_to(k, (self.heads, t, HEAD_DIM))) * HEAD_DIM ** -0.5
+                    out = self.bmm(ops.softmax(scores + bias, -1), ops.broadcast_to(v, (self.heads, t, HEAD_DIM)))
+                outs.append(out.reshape(self.heads, c1 - c0, HEAD_DIM))
+            out = ops.cat(outs, 1).transpose(1, 0, 2).reshape(t, self.heads * HEAD_DIM)
             return self.out_proj(out)
 
     layer = NSASelfAttention(cfg) if impl == "nsa" else Dense(core=impl == "dense_core")
@@ -118,18 +119,20 @@ def main():
     parser.add_argument("--select-block-count", type=int, default=16, help="NSA n (blocks per query)")
     parser.add_argument("--select-dense-rows", type=int, default=None,
                         help="NSA select_dense_rows (default: NSAConfig's, 4 * n * 64)")
+    parser.add_argument("--heads", type=int, default=HEADS,
+                        help=f"query heads, all sharing the one KV head (default {HEADS})")
     parser.add_argument("--one", nargs=3, metavar=("IMPL", "T", "LAYOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         impl, total, layout = args.one
         print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk, args.select_block_count,
-                                 args.select_dense_rows)))
+                                 args.select_dense_rows, args.heads)))
         return
     options = ["--steps", str(args.steps), "--chunk", str(args.chunk), "--select-block-count",
-               str(args.select_block_count)]  # what every subprocess run gets
+               str(args.select_block_count), "--heads", str(args.heads)]  # what every subprocess run gets
     if args.select_dense_rows is not None:
         options += ["--select-dense-rows", str(args.select_dense_rows)]
-    print(f"NSASelfAttention vs dense: hidden {HIDDEN}, {HEADS} heads, {KV_HEADS} KV head, head_dim {HEAD_DIM}, "
+    print(f"NSASelfAttention vs dense: hidden {HIDDEN}, {args.heads} heads, {KV_HEADS} KV head, head_dim {HEAD_DIM}, "
           f"l=32 d=16 l'=64 n={args.select_block_count}, window 512, NSA query chunk {args.chunk}"
           + (f", select_dense_rows {args.select_dense_rows}" if args.select_dense_rows is not None else "")
           + "; forward+backward, mindspore.jit; "
