@@ -199,7 +199,7 @@ class NativeSparseAttention(nn.Cell):
             r0 = max(0, c0 - cfg.window_size + 1)  # the window's first row
             o_win = ungroup_outputs(self.sliding_window(
                 q_grouped, _rows_from_pieces(k_win_pieces, chunk, r0, j), _rows_from_pieces(v_win_pieces, chunk, r0, j),
-                segment[r0:c1], row_ids[r0:c1], seg_q, row_ids[c0:c1]), rows)
+                row_ids[r0:c1], pos_q, row_ids[c0:c1]), rows)
             parts.append((o_cmp, o_slc, o_win, blocks.transpose(1, 0, 2), valid.transpose(1, 0, 2)))
         o_cmp, o_win, blocks, valid = (ops.cat([p[i] for p in parts], 0) for i in (0, 2, 3, 4))
         if kernel_slc:

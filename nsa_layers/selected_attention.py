@@ -19,6 +19,10 @@ from .attention_math import (MaskedAttention, attention_backward, attention_forw
 
 __all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "selected_block_mask"]
 
+# added to the first key position of an empty slot: beyond any in-segment position (int32 positions,
+# T < 2**30), so that slot's keys are masked by the causal comparison alone
+_PAST_EVERY_POSITION = 2 ** 30
+
 
 def selected_block_mask(blocks, valid, num_blocks):
     """``(Hkv, C, k)`` selected block ids and validity -> ``(Hkv, C, num_blocks)`` bool: block selected."""
@@ -88,12 +92,11 @@ class SelectedAttention(nn.Cell):
         per_head = k_blocks.shape[0] // kv_heads
         dim_v = v_blocks.shape[1] // self.block
         keys = count * self.block
-        in_segment = (blocks.reshape(kv_heads, rows, count, 1) * self.block
-                      + self.offsets.reshape(1, 1, 1, -1)).reshape(kv_heads, rows, keys)
-        visible = ops.logical_and(
-            ops.broadcast_to(valid.reshape(kv_heads, rows, count, 1), (kv_heads, rows, count, self.block))
-            .reshape(kv_heads, rows, keys),
-            in_segment <= position.reshape(1, -1, 1))
+        # in-segment position of every gathered key; an empty slot's keys are put past every position
+        first = blocks * self.block + ops.logical_not(valid).astype(blocks.dtype) * _PAST_EVERY_POSITION
+        in_segment = (first.reshape(kv_heads, rows, count, 1) + self.offsets.reshape(1, 1, 1, -1)).reshape(
+            kv_heads, rows, keys)
+        visible = in_segment <= position.reshape(1, -1, 1)
         index = ops.minimum(block_base.reshape(1, -1, 1) + blocks, per_head - 1) + \
             self.kv_head_ids.reshape(-1, 1, 1) * per_head
         index = index.reshape(-1)

@@ -18,8 +18,8 @@ class SlidingWindowAttention(nn.Cell):
         q (Tensor): ``(Hkv, G*C, Dq)`` grouped queries of a chunk.
         k (Tensor): ``(Hkv, R, Dq)`` the key rows the chunk can reach (``w - 1`` rows before the chunk
             and the chunk itself), head-major; ``v``: ``(Hkv, R, Dv)``.
-        key_segment, key_row (Tensor): ``(R,)`` int32 segment ids and row numbers of those keys.
-        segment, row (Tensor): ``(C,)`` int32 segment ids and row numbers of the queries.
+        key_row (Tensor): ``(R,)`` int32 row numbers of those keys (consecutive packed rows).
+        position, row (Tensor): ``(C,)`` int32 in-segment positions and row numbers of the queries.
 
     Outputs:
         Tensor ``(Hkv, G*C, Dv)``.
@@ -31,9 +31,12 @@ class SlidingWindowAttention(nn.Cell):
         self.masked = masked_score(config.ms_compute_dtype)
         self.attention = MaskedAttention(config.scale)
 
-    def construct(self, q, k, v, key_segment, key_row, segment, row):
+    def construct(self, q, k, v, key_row, position, row):
+        # a key at distance 0 .. min(position, w - 1) rows back: in the window and, since the query's
+        # segment starts `position` rows back, in its segment (no segment-id comparison: on CPU a
+        # broadcast Equal cost more than the rest of the mask)
         distance = row.reshape(-1, 1) - key_row.reshape(1, -1)
-        visible = ops.logical_and(key_segment.reshape(1, -1) == segment.reshape(-1, 1),
-                                  ops.logical_and(distance >= 0, distance < self.window))
+        reach = ops.minimum(position, self.window - 1).reshape(-1, 1)
+        visible = ops.logical_and(distance >= 0, (reach - distance) >= 0)
         bias = visibility_bias(visible, q.dtype, self.masked)
-        return self.attention(q, k, v, bias.reshape(1, segment.shape[0], -1))[0]
+        return self.attention(q, k, v, bias.reshape(1, row.shape[0], -1))[0]
