@@ -8,7 +8,8 @@ after each query chunk and uses NSA's own masked-attention core and backward. Ev
 (``ru_maxrss``) belongs to that run alone; the time is the median of the steps after the compiling
 one and one warm-up step (the first step after compiling is much slower).
 
-Run: ``make bench-attention`` or ``python bench/bench_attention.py [--lengths 1024 2048 ...]``.
+Run: ``make bench-attention`` or ``python bench/bench_attention.py [--lengths 1024 2048 ...]``;
+``--profile nsa 16384 one`` prints where one step's op time goes instead (MindSpore's profiler).
 """
 
 import argparse
@@ -27,7 +28,7 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 1, 64  # HEADS: the default; the den
 DENSE_CHUNK = 1024  # query rows per chunk in the dense baselines (bounds their transient memory)
 
 
-def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None, heads=HEADS):
+def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None, heads=HEADS, profile_dir=None):
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindspore import Tensor, nn, ops  # pylint: disable=import-outside-toplevel
     from nsa_layers import NSAConfig, NSASelfAttention, packing  # pylint: disable=import-outside-toplevel
@@ -102,8 +103,54 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None,
         grads[0].asnumpy()
         times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"impl": impl, "T": total, "layout": layout, "compile_s": times[0] - min(times[2:]),
-            "step_s": statistics.median(times[2:]), "peak_mb": peak_mb}
+    result = {"impl": impl, "T": total, "layout": layout, "compile_s": times[0] - min(times[2:]),
+              "step_s": statistics.median(times[2:]), "peak_mb": peak_mb}
+    if profile_dir is not None:  # one more step under MindSpore's profiler
+        profiler = ms.Profiler(output_path=profile_dir)
+        step(x, ends)[0].asnumpy()
+        profiler.stop()
+        profiler.analyse()
+    return result
+
+
+def op_times(profile_dir):
+    """Per-op times of a profiled step (MindSpore 2.9's CPU profiler files) ->
+    ``{(op type, input shapes): [total ms, calls]}`` (graph mode names most backward ops like forward ones)."""
+    import glob  # pylint: disable=import-outside-toplevel
+    framework = sorted(glob.glob(f"{profile_dir}/*/FRAMEWORK"))[-1]
+    shapes = {}
+    with open(f"{framework}/cpu_framework_0.txt", encoding="utf-8") as lines:
+        for line in lines:
+            fields = line.strip().split(";")
+            if len(fields) > 3:
+                shapes[fields[1]] = " ".join(f.split(":", 1)[1] for f in fields[3:] if f and "NoShape" not in f)
+    times = {}
+    with open(f"{framework}/cpu_op_execute_timestamp_0.txt", encoding="utf-8") as lines:
+        for line in lines:
+            full_name, _, timing = line.strip().split(";")
+            name = full_name.split("/")[-1]
+            key = (name.split("-")[0], shapes.get(name, "?"))
+            entry = times.setdefault(key, [0.0, 0])
+            entry[0] += float(timing.split(",")[1])
+            entry[1] += 1
+    return times
+
+
+def print_profile(profile_dir, top=25):
+    """The op types and the (op, shapes) that took the most time in the profiled step."""
+    times = op_times(profile_dir)
+    total = sum(ms_ for ms_, _ in times.values())
+    by_type = {}
+    for (op, _), (ms_, calls) in times.items():
+        entry = by_type.setdefault(op, [0.0, 0])
+        entry[0] += ms_
+        entry[1] += calls
+    print(f"op time in the profiled step: {total:.0f} ms\n\n| op | calls | ms | share |\n|---|---|---|---|")
+    for op, (ms_, calls) in sorted(by_type.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"| {op} | {calls} | {ms_:.0f} | {ms_ / total:.1%} |")
+    print("\n| op | input shapes | calls | ms |\n|---|---|---|---|")
+    for (op, shape), (ms_, calls) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"| {op} | {shape} | {calls} | {ms_:.0f} |")
 
 
 IMPLS = ("nsa", "dense", "dense_core")
@@ -122,7 +169,17 @@ def main():
     parser.add_argument("--heads", type=int, default=HEADS,
                         help=f"query heads, all sharing the one KV head (default {HEADS})")
     parser.add_argument("--one", nargs=3, metavar=("IMPL", "T", "LAYOUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--profile", nargs=3, metavar=("IMPL", "T", "LAYOUT"),
+                        help="instead of the table: time one implementation in this process, then profile one "
+                             "more step with MindSpore's profiler and print where its op time went")
+    parser.add_argument("--profile-dir", default="profile_attention", help="where --profile writes the profiler files")
     args = parser.parse_args()
+    if args.profile:
+        impl, total, layout = args.profile
+        print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk, args.select_block_count,
+                                 args.select_dense_rows, args.heads, profile_dir=args.profile_dir)))
+        print_profile(args.profile_dir)
+        return
     if args.one:
         impl, total, layout = args.one
         print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk, args.select_block_count,

@@ -25,3 +25,21 @@ def test_bench_attention_runs_every_implementation_with_its_options(tmp_path):
         assert float(seconds) > 0 and float(peak.strip("()")) > 0, rows[0]
     for cell in (cells[4], cells[6], cells[7]):
         assert float(cell) > 0, rows[0]
+
+
+def test_bench_attention_profile_prints_where_the_op_time_went(tmp_path):
+    # the gathered selected branch runs (select_dense_rows 0), so its gather and segment sum must show up
+    result = subprocess.run([sys.executable, str(BENCH), "--profile", "nsa", "512", "packed", "--steps", "1",
+                             "--chunk", "256", "--select-dense-rows", "0", "--profile-dir", str(tmp_path / "p")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    total = float(out.split("op time in the profiled step: ")[1].split(" ms")[0])
+    by_type = {}
+    for line in out.split("| op | calls | ms | share |")[1].split("| op | input shapes |")[0].splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[1].isdigit():
+            by_type[cells[0]] = (int(cells[1]), float(cells[2]))
+    assert total > 0 and {"BatchMatMul", "Gather", "UnsortedSegmentSum"} <= set(by_type), out
+    assert sum(ms_ for _, ms_ in by_type.values()) <= total + len(by_type), out  # rounded shares of the total
+    assert "| BatchMatMul | [" in out, out  # the per-shape table
