@@ -123,7 +123,8 @@ def op_times(profile_dir):
         for line in lines:
             fields = line.strip().split(";")
             if len(fields) > 3:
-                shapes[fields[1]] = " ".join(f.split(":", 1)[1] for f in fields[3:] if f and "NoShape" not in f)
+                inputs = [f.split(":", 1)[1] for f in fields[3:] if f and "NoShape" not in f]
+                shapes[fields[1]] = " ".join(inputs) if len(inputs) <= 4 else f"{len(inputs)} x {inputs[0]}"
     times = {}
     with open(f"{framework}/cpu_op_execute_timestamp_0.txt", encoding="utf-8") as lines:
         for line in lines:
