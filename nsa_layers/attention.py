@@ -13,7 +13,8 @@ Everything runs with static shapes from the per-token layout (``packing.layout_t
 works in PyNative and in graph mode with the prefix sums as data (as MindFormers feeds them).
 Queries are processed in chunks of ``query_chunk_size``: no ``T x T`` tensor is built. The selected
 branch of a chunk ending by row ``NSAConfig.select_dense_rows`` is one block-masked attention over
-the rows before it; later chunks gather each query's blocks (same result, see ``selected_attention``).
+the rows before it; later chunks read each query's blocks grouped by block (same result, see
+``selected_attention``).
 """
 
 import mindspore as ms
@@ -194,8 +195,10 @@ class NativeSparseAttention(nn.Cell):
                     _rows_from_pieces(v_slc_pieces, chunk, 0, j), segment[:c1], position[:c1], blocks, valid,
                     seg_q, pos_q), rows)
             else:
+                # the blocks starting before row c1 are the first ones (block-major is in row order)
+                reach_blocks = min(num_blocks_all, packing.max_windows(c1, ends.shape[0], 1, cfg.select_block_size))
                 o_slc = self.selected_attention(q_chunk, keys_slc, values_slc, blocks, valid, block_base[c0:c1],
-                                                pos_q)
+                                                pos_q, reach_blocks)
             r0 = max(0, c0 - cfg.window_size + 1)  # the window's first row
             o_win = ungroup_outputs(self.sliding_window(
                 q_grouped, _rows_from_pieces(k_win_pieces, chunk, r0, j), _rows_from_pieces(v_win_pieces, chunk, r0, j),

@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 __all__ = ["MASKED", "masked_score", "group_queries", "ungroup_outputs", "visibility_bias", "attention_forward",
-           "attention_probs", "attention_backward", "MaskedAttention"]
+           "attention_probs", "attention_backward", "MaskedAttention", "RowSoftmax"]
 
 # Primitives, not ops.* functions, in what a graph-mode bprop calls: MindSpore 2.9 fails to compile
 # many ops.* functions there (their Python branches). A branch on static shapes compiles when both arms
@@ -138,3 +138,24 @@ class MaskedAttention(nn.Cell):
     def bprop(self, q, k, v, bias, out, dout):
         d_q, d_k, d_v = attention_backward(q, k, v, out[1], out[0], dout[0], self.scale)
         return d_q, d_k, d_v, _ZEROS_LIKE(bias)
+
+
+class RowSoftmax(nn.Cell):
+    """Softmax over the last axis of ``(B, R, N)`` scores, with the backward
+    ``P * (dP - sum_j P_j dP_j)`` whose row sum is a matmul with ones (MindSpore's CPU ReduceSum over
+    the last axis, as autodiff's softmax backward uses it, is several times slower).
+
+    Inputs:
+        x (Tensor): ``(B, R, N)`` scores (masked keys at :func:`masked_score`).
+
+    Outputs:
+        Tensor ``(B, R, N)`` probabilities.
+    """
+
+    def construct(self, x):
+        return _SOFTMAX(x)
+
+    def bprop(self, x, out, dout):
+        batch, _, keys = out.shape
+        row_term = _BMM(out * dout, _ONES_LIKE(out[:, :1, :]).reshape(batch, keys, 1))  # (B, R, 1)
+        return (out * (dout - _TILE(row_term, (1, 1, keys))),)

@@ -3,8 +3,8 @@ token-level causal mask inside its own block.
 
 Two exact formulations of the same branch, chosen per query chunk by ``NativeSparseAttention``:
 
-- :class:`SelectedAttention` gathers each query's ``n`` blocks (work linear in ``T``; hand-written
-  backward on the gathered operands);
+- :class:`SelectedAttention` groups the chunk's (query, slot) pairs by the block they read, so each
+  block is read once per tile of pairs, not copied per query (work linear in ``T``);
 - :class:`BlockMaskedSelectedAttention` attends to every row before the chunk's end through a
   per-query block mask (one matmul; cheaper while the chunk ends early, ``NSAConfig.select_dense_rows``).
 """
@@ -14,14 +14,15 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from . import packing
-from .attention_math import (MaskedAttention, attention_backward, attention_forward, attention_probs, masked_score,
-                             visibility_bias)
+from .attention_math import MaskedAttention, RowSoftmax, masked_score, visibility_bias
 
-__all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "selected_block_mask"]
+__all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "RowPermutation", "block_grouped_slots",
+           "selected_block_mask", "tile_pairs"]
 
-# added to the first key position of an empty slot: beyond any in-segment position (int32 positions,
-# T < 2**30), so that slot's keys are masked by the causal comparison alone
-_PAST_EVERY_POSITION = 2 ** 30
+# primitives in what bprop calls (see attention_math)
+_GATHER = ops.Gather()
+_CONCAT_ROWS = ops.Concat(0)
+_ZEROS_LIKE = ops.ZerosLike()
 
 
 def selected_block_mask(blocks, valid, num_blocks):
@@ -32,17 +33,86 @@ def selected_block_mask(blocks, valid, num_blocks):
     return hit.any(axis=2)
 
 
-class SelectedAttention(nn.Cell):
-    """Attention over the tokens of ``k`` selected blocks per query and KV group, gathered per query.
+# query rows (a pair's G heads count G) per tile of the block-grouped layout: 64 matches the 64-token
+# blocks' matmuls; the pairs per tile stay within 4..16 so that tiles neither degenerate nor pad much
+_TILE_ROWS = 64
 
-    Keys and values are first laid out block-major once per forward (:meth:`block_major`: every
-    selection block of every segment as one contiguous row of ``l' * D`` values), so each query
-    gathers ``k`` large rows, and the scores are one batched matmul per chunk:
-    ``(Hkv*C, G, Dq) @ (Hkv*C, Dq, k*l')``. The backward (``bprop``) is written out on the gathered
-    operands with the ``attention_math`` core formulas and scatters the key/value gradients back with
-    one segment sum per chunk. In PyNative it gathers again; in graph mode common-subexpression
-    elimination shares the forward's gather with it (forcing a regather measured 20% slower at
-    T = 8k for no lower peak memory, before the masked-attention core stopped broadcasting, 7a7246f).
+
+def tile_pairs(group_size):
+    """(query, slot) pairs per tile of :class:`SelectedAttention` for KV groups of ``group_size`` heads."""
+    return min(16, max(4, _TILE_ROWS // group_size))
+
+
+def block_grouped_slots(block_group, num_groups, tile):
+    """The block-grouped layout of :class:`SelectedAttention`: (query, slot) pairs grouped by the
+    block they read, each group padded to whole tiles of ``tile`` pairs.
+
+    Args:
+        block_group (Tensor): ``(P,)`` int32 in ``[0, num_groups)``, the (KV head, block) each pair reads.
+        num_groups (int): static number of groups.
+        tile (int): pairs per tile.
+
+    Returns:
+        ``(slot, pair_of_slot, tile_group)``: ``(P,)`` int32 row of each pair in the layout;
+        ``(R * tile,)`` int32 pair of each row, ``P`` for a padding row; ``(R,)`` int32 group of each
+        tile (0 for unused tiles). ``R = ceil(P / tile) + min(num_groups, P)`` bounds
+        ``sum_g ceil(count_g / tile)`` for every grouping (at most ``tile - 1`` padding rows per
+        non-empty group).
+    """
+    pairs = block_group.shape[0]
+    capacity = (pairs + tile - 1) // tile + min(num_groups, pairs)
+    pair_ids = ops.arange(0, pairs, dtype=ms.int32)
+    # rank of each pair among the pairs before it in group order (any order within a group will do)
+    order = ops.sort(block_group.astype(ms.float32))[1].astype(ms.int32)
+    sorted_rank = ops.tensor_scatter_update(pair_ids, order.reshape(-1, 1), pair_ids)
+    counts = ops.unsorted_segment_sum(ops.ones((pairs,), ms.int32), block_group, num_groups)
+    tiles = (counts + (tile - 1)) // tile
+    group_first_pair = ops.cumsum(counts, 0) - counts
+    group_first_tile = ops.cumsum(tiles, 0) - tiles
+    slot = (ops.gather(group_first_tile, block_group, 0) * tile + sorted_rank
+            - ops.gather(group_first_pair, block_group, 0))
+    pair_of_slot = ops.tensor_scatter_update(ops.full((capacity * tile,), pairs, dtype=ms.int32),
+                                             slot.reshape(-1, 1), pair_ids)
+    # a used tile's first row always holds a pair; unused tiles read group 0 (their rows are padding)
+    tile_group = ops.gather(ops.cat((block_group, ops.zeros((1,), ms.int32))), pair_of_slot[::tile], 0)
+    return slot, pair_of_slot, tile_group
+
+
+class RowPermutation(nn.Cell):
+    """``x`` with a zero row appended, gathered by ``index``: rows of ``x`` moved to new places, index
+    ``len(x)`` giving a zero row. Each row of ``x`` goes to at most one place, so the backward is the
+    gather by ``inverse`` (the output row of each row of ``x``, or ``len(index)`` for none), not a
+    scatter-add (MindSpore's CPU UnsortedSegmentSum is several times slower than Gather).
+
+    Inputs:
+        x (Tensor): ``(N, F)``.
+        index (Tensor): ``(M,)`` int32 in ``[0, N]``; ``inverse``: ``(N,)`` int32 in ``[0, M]``.
+
+    Outputs:
+        Tensor ``(M, F)``.
+    """
+
+    def construct(self, x, index, inverse):
+        return _GATHER(_CONCAT_ROWS((x, _ZEROS_LIKE(x[:1]))), index, 0)
+
+    def bprop(self, x, index, inverse, out, dout):
+        return _GATHER(_CONCAT_ROWS((dout, _ZEROS_LIKE(dout[:1]))), inverse, 0), _ZEROS_LIKE(index), \
+            _ZEROS_LIKE(inverse)
+
+
+class SelectedAttention(nn.Cell):
+    """Attention over the tokens of ``k`` selected blocks per query and KV group, grouped by block.
+
+    Keys and values are laid out block-major once per forward (:meth:`block_major`: every selection
+    block of every segment as one row of ``l' * D`` values). A chunk's (query, slot) pairs are grouped
+    by the block they read and the groups padded to tiles of ``tile_pairs(G)`` pairs
+    (:func:`block_grouped_slots`), so each tile reads one block: scores are one batched matmul
+    ``(R, tile*G, Dq) @ (R, Dq, l')`` over ``R`` tiles that reads every selected block once per tile,
+    not once per query (the per-query copy of ``k * l'`` keys and values cost ~0.13 GB per 512-query
+    chunk at T = 16k and made this branch 58% of the step). The scores move to (query, head) rows for
+    the softmax over the ``k * l'`` keys and the probabilities back to tiles, both with
+    :class:`RowPermutation`; the outputs return to their queries and are summed over the slots.
+    Masked keys (after the query in its own block, and every key of an empty slot) get probability 0.
 
     Args:
         config (NSAConfig): sizes.
@@ -53,6 +123,8 @@ class SelectedAttention(nn.Cell):
         blocks, valid (Tensor): ``(Hkv, C, k)`` selected in-segment block ids and slot validity.
         block_base (Tensor): ``(C,)`` int32, block-major index of the first block of each query's segment.
         position (Tensor): ``(C,)`` int32 in-segment positions.
+        num_blocks (int): static bound on the block-major index of the blocks the chunk can read,
+            plus one (the blocks starting before the chunk's end); at most ``B``.
 
     Outputs:
         Tensor ``(C, H, Dv)``.
@@ -62,13 +134,14 @@ class SelectedAttention(nn.Cell):
         super().__init__()
         self.block = config.select_block_size
         self.scale = config.scale
-        self.masked = masked_score(config.ms_compute_dtype)
-        self.offsets = Tensor(np.arange(config.select_block_size, dtype=np.int32))
-        # a constant, not ops.arange: MindSpore 2.9 fails to compile ops.arange inside a graph-mode bprop
-        self.kv_head_ids = Tensor(np.arange(config.num_kv_heads, dtype=np.int32))
-        # primitives (not ops.* functions with a Python branch) in what bprop calls, see attention_math
-        self.zeros_like = ops.ZerosLike()
-        self.segment_sum = ops.UnsortedSegmentSum()
+        self.tile = tile_pairs(config.group_size)
+        # row r: 0 for key offsets < r, masked from r on (a slot whose last visible offset is r - 1)
+        offsets = np.arange(self.block)
+        self.bias_table = Tensor(np.where(offsets.reshape(1, -1) < np.arange(self.block + 1).reshape(-1, 1), 0.0,
+                                          masked_score(config.ms_compute_dtype)).astype(np.float32))
+        self.permute = RowPermutation()
+        self.softmax = RowSoftmax()
+        self.bmm_transpose_b = ops.BatchMatMul(transpose_b=True)
 
     def block_major(self, x, block_rows):
         """``x (T, Hkv, D)`` -> ``(Hkv * B, l' * D)``: block ``b`` of head ``h`` is row ``h * B + b``.
@@ -84,56 +157,49 @@ class SelectedAttention(nn.Cell):
         return ops.gather(x.reshape(total * kv_heads, dim), flat.reshape(-1), 0).reshape(
             kv_heads * count, self.block * dim)
 
-    def _gathered(self, q, k_blocks, v_blocks, blocks, valid, block_base, position):
-        """The per-query operands: grouped queries ``(Hkv*C, G, Dq)``, gathered keys ``(Hkv*C, k*l', Dq)``
-        and values, the score bias ``(Hkv*C, 1, k*l')`` and the block-major row of every slot."""
+    def construct(self, q, k_blocks, v_blocks, blocks, valid, block_base, position, num_blocks):
         rows, heads, dim = q.shape
         kv_heads, _, count = blocks.shape
+        group = heads // kv_heads
         per_head = k_blocks.shape[0] // kv_heads
         dim_v = v_blocks.shape[1] // self.block
-        keys = count * self.block
-        # in-segment position of every gathered key; an empty slot's keys are put past every position
-        first = blocks * self.block + ops.logical_not(valid).astype(blocks.dtype) * _PAST_EVERY_POSITION
-        in_segment = (first.reshape(kv_heads, rows, count, 1) + self.offsets.reshape(1, 1, 1, -1)).reshape(
-            kv_heads, rows, keys)
-        visible = in_segment <= position.reshape(1, -1, 1)
-        index = ops.minimum(block_base.reshape(1, -1, 1) + blocks, per_head - 1) + \
-            self.kv_head_ids.reshape(-1, 1, 1) * per_head
-        index = index.reshape(-1)
-        k_sel = ops.gather(k_blocks, index, 0).reshape(kv_heads * rows, keys, dim)
-        v_sel = ops.gather(v_blocks, index, 0).reshape(kv_heads * rows, keys, dim_v)
-        q_sel = self._by_kv_head(q, kv_heads)
-        bias = visibility_bias(visible.reshape(kv_heads * rows, 1, keys), q.dtype, self.masked)
-        return q_sel, k_sel, v_sel, bias, index
-
-    @staticmethod
-    def _by_kv_head(x, kv_heads):
-        """``(C, H, D)`` -> ``(Hkv*C, G, D)``, the layout of the gathered operands."""
-        rows, heads, dim = x.shape
-        return x.reshape(rows, kv_heads, heads // kv_heads, dim).transpose(1, 0, 2, 3).reshape(
-            kv_heads * rows, heads // kv_heads, dim)
-
-    def construct(self, q, k_blocks, v_blocks, blocks, valid, block_base, position):
-        rows, heads, _ = q.shape
-        kv_heads = blocks.shape[0]
-        q_sel, k_sel, v_sel, bias, _ = self._gathered(q, k_blocks, v_blocks, blocks, valid, block_base, position)
-        out = attention_forward(q_sel, k_sel, v_sel, bias, self.scale)[0]
-        return out.reshape(kv_heads, rows, heads // kv_heads, -1).transpose(1, 0, 2, 3).reshape(rows, heads, -1)
-
-    def bprop(self, q, k_blocks, v_blocks, blocks, valid, block_base, position, out, dout):
-        """Gradients for ``q``, ``k_blocks`` and ``v_blocks`` (none through the selection)."""
-        rows, heads, dim = q.shape
-        kv_heads = blocks.shape[0]
-        q_sel, k_sel, v_sel, bias, index = self._gathered(q, k_blocks, v_blocks, blocks, valid, block_base, position)
-        probs = attention_probs(q_sel, k_sel, bias, self.scale)
-        d_q, d_k, d_v = attention_backward(q_sel, k_sel, v_sel, probs, self._by_kv_head(out, kv_heads),
-                                           self._by_kv_head(dout, kv_heads), self.scale)
-        d_q = d_q.reshape(kv_heads, rows, heads // kv_heads, dim).transpose(1, 0, 2, 3)
-        slots = index.shape[0]
-        d_k = self.segment_sum(d_k.reshape(slots, -1), index, k_blocks.shape[0])
-        d_v = self.segment_sum(d_v.reshape(slots, -1), index, v_blocks.shape[0])
-        return (d_q.reshape(rows, heads, dim), d_k, d_v, self.zeros_like(blocks), self.zeros_like(valid),
-                self.zeros_like(block_base), self.zeros_like(position))
+        tile = self.tile
+        pairs = kv_heads * rows * count  # pair (h, c, s): query c, KV head h, slot s
+        # the block each pair reads, numbered per head among the chunk's first num_blocks blocks
+        # (an empty slot's block id may lie beyond them: it is clipped, its keys are all masked)
+        block = ops.minimum(block_base.reshape(1, -1, 1) + blocks, num_blocks - 1)
+        kv_head = ops.arange(0, kv_heads, dtype=ms.int32).reshape(-1, 1, 1)
+        slot, pair_of_slot, tile_group = block_grouped_slots((block + kv_head * num_blocks).reshape(-1),
+                                                             kv_heads * num_blocks, tile)
+        tiles = tile_group.shape[0]
+        tile_head = tile_group // num_blocks
+        tile_block_row = tile_head * per_head + tile_group - tile_head * num_blocks
+        k_tiles = ops.gather(k_blocks, tile_block_row, 0).reshape(tiles, self.block, dim)
+        v_tiles = ops.gather(v_blocks, tile_block_row, 0).reshape(tiles, self.block, dim_v)
+        # queries by (KV head, query) row, a zero row for padding (pair P -> row Hkv*C)
+        query_of_slot = pair_of_slot // count
+        q_rows = q.reshape(rows, kv_heads, group * dim).transpose(1, 0, 2).reshape(kv_heads * rows, group * dim)
+        q_rows = ops.cat((q_rows * self.scale, ops.zeros((1, group * dim), q.dtype)), 0)
+        q_tiles = ops.gather(q_rows, query_of_slot, 0).reshape(tiles, tile * group, dim)
+        scores = self.bmm_transpose_b(q_tiles, k_tiles).reshape(tiles * tile * group, self.block)
+        # layout rows (slot, g) <-> softmax rows ((h, c, g), s): ordered so a (query, head) row holds its k*l' keys
+        head_ids = ops.arange(0, group, dtype=ms.int32)
+        to_softmax = (slot.reshape(kv_heads, rows, 1, count) * group + head_ids.reshape(1, 1, -1, 1)).reshape(-1)
+        slot_of_pair = pair_of_slot - query_of_slot * count
+        to_tiles = (query_of_slot.reshape(-1, 1) * group + head_ids.reshape(1, -1)) * count + slot_of_pair.reshape(-1, 1)
+        to_tiles = ops.minimum(to_tiles, pairs * group).reshape(-1)  # padding rows -> the zero row
+        scores = self.permute(scores, to_softmax, to_tiles).reshape(kv_heads * rows, group, count * self.block)
+        # the last visible key offset of each slot: all of a past block, up to the query in its own
+        # block, none of an empty slot; the bias row of the table is that offset + 1
+        last = ops.tile(position.reshape(1, -1, 1), (kv_heads, 1, 1)) - blocks * self.block
+        last = ops.where(valid, ops.minimum(last, self.block - 1), ops.full_like(last, -1))
+        bias = ops.gather(self.bias_table.astype(q.dtype), last.reshape(-1) + 1, 0)
+        probs = self.softmax(scores + ops.tile(bias.reshape(kv_heads * rows, 1, count * self.block), (1, group, 1)))
+        probs = self.permute(probs.reshape(pairs * group, self.block), to_tiles, to_softmax)
+        out = ops.bmm(probs.reshape(tiles, tile * group, self.block), v_tiles).reshape(tiles * tile, group * dim_v)
+        out = self.permute(out, slot, pair_of_slot).reshape(kv_heads * rows, count, group * dim_v)
+        out = ops.bmm(ops.ones((kv_heads * rows, 1, count), out.dtype), out)  # sum over the slots
+        return out.reshape(kv_heads, rows, group, dim_v).transpose(1, 0, 2, 3).reshape(rows, heads, dim_v)
 
 
 class BlockMaskedSelectedAttention(nn.Cell):
