@@ -166,7 +166,7 @@ def main():
     parser.add_argument("--chunk", type=int, default=512, help="NSA query_chunk_size")
     parser.add_argument("--select-block-count", type=int, default=16, help="NSA n (blocks per query)")
     parser.add_argument("--select-dense-rows", type=int, default=None,
-                        help="NSA select_dense_rows (default: NSAConfig's, 4 * n * 64)")
+                        help="NSA select_dense_rows (default: NSAConfig's, 2 * n * 64)")
     parser.add_argument("--heads", type=int, default=HEADS,
                         help=f"query heads, all sharing the one KV head (default {HEADS})")
     parser.add_argument("--one", nargs=3, metavar=("IMPL", "T", "LAYOUT"), help=argparse.SUPPRESS)

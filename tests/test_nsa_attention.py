@@ -41,7 +41,7 @@ def test_matches_reference_on_random_packed_layouts(case):
 @pytest.mark.parametrize("dense_rows", [0, None], ids=["gathered", "block-masked"])
 def test_paper_sizes_match_reference(dense_rows):
     """l=32, d=16, l'=64, n=16 (1 initial + 2 local), with a window of 40 and a GQA group of 4; the
-    selected branch gathered per query, or block-masked (the default for chunks ending by row 4096)."""
+    selected branch grouped by block, or block-masked (the default for chunks ending by row 2048)."""
     cfg = NSAConfig(hidden_size=64, num_heads=4, num_kv_heads=1, head_dim=16, v_head_dim=8, window_size=40,
                     query_chunk_size=128, select_dense_rows=dense_rows)
     selected = check_against_reference(Case(cfg, [300, 20, 0, 200], seed=5))

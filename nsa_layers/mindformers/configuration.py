@@ -31,7 +31,7 @@ class NSAQwen3Config(Qwen3Config):
     (2), ``nsa_window_size`` (w, 512), ``nsa_independent_kv`` (False: the host's K/V shared by the
     three branches; True adds a projection for the compressed and window branches'
     K/V), ``nsa_use_position_embedding`` (True), ``nsa_query_chunk_size`` (512 queries per chunk),
-    ``nsa_select_dense_rows`` (None: ``4 * n * l'``, see ``NSAConfig``).
+    ``nsa_select_dense_rows`` (None: ``2 * n * l'``, see ``NSAConfig``).
     Sizes are in tokens. Head sizes, GQA and the compute dtype come from the Qwen3 keys.
 
     Raises ``ValueError`` at construction for an unknown ``nsa_*`` key or sizes ``NSAConfig`` rejects.
