@@ -182,9 +182,9 @@ def test_gradients_are_finite_and_reach_every_parameter(mode):
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 def test_selected_branch_gradients_same_gathered_and_block_masked(mode):
-    """The two formulations of the selected branch (gathered per query, with its own backward that
-    regathers; block-masked, through the masked-attention core) give the same q/k/v gradients
-    (test_nsa_gradients checks both against the float64 reference)."""
+    """The two formulations of the selected branch (grouped by block, through tile matmuls, row
+    permutations and the row softmax; block-masked, through the masked-attention core) give the same
+    q/k/v gradients (test_nsa_gradients checks both against the float64 reference)."""
     lengths = [70, 3, 0, 50]
     rng = np.random.default_rng(13)
     target = Tensor(random_normal(rng, (sum(lengths), 4, 8)))
