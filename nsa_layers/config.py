@@ -39,9 +39,9 @@ class NSAConfig:
             branch as one block-masked attention over all rows before its end (matmul-shaped, cheap
             while short); later chunks read each query's ``n`` blocks grouped by block
             (``SelectedAttention``). ``None`` means ``2 * select_block_count * select_block_size``
-            (2048 for the paper's sizes: on CPU at T = 4k and 8k, 2048 was 10-20% faster than 4096
-            and no slower than 0, see the README benchmark); ``0`` never uses the block mask. Both
-            paths give the same result.
+            (2048 for the paper's sizes: on CPU it beat 4096 at T = 4k and 8k, and 0 at T = 1k and
+            2k, see the README benchmark); ``0`` never uses the block mask. Both paths give the same
+            result.
         compute_dtype: ``"float32"`` (CPU), ``"float16"`` or ``"bfloat16"``; inputs are cast to it.
         softmax_scale: score scale; ``None`` means ``head_dim ** -0.5``.
     """
