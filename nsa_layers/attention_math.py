@@ -59,6 +59,14 @@ def visibility_bias(visible, dtype, masked):
     return _CAST(_LOGICAL_NOT(visible), dtype) * masked
 
 
+def _row_dot(a, b):
+    """``sum(a * b, -1)`` of ``(B, R, N)`` tensors as ``(B, R, 1)``: a matmul with a column of ones
+    (MindSpore's CPU ReduceSum over the last axis took 1.9 ms for a ``(1, 2048, 64)`` product, the
+    matmul 0.1 ms). Primitives only, so graph-mode bprops can call it."""
+    batch, _, width = a.shape
+    return _BMM(a * b, _ONES_LIKE(a[:, :1, :]).reshape(batch, width, 1))
+
+
 def attention_forward(q, k, v, bias, scale):
     """``softmax(q k^T * scale + bias) v`` for grouped query rows.
 
@@ -95,16 +103,14 @@ def attention_backward(q, k, v, probs, out, d_out, scale):
 
     The softmax backward uses ``sum_j P_ij dP_ij = dO_i . O_i`` (one reduction over ``Dv`` instead of
     over the keys, as FlashAttention does); it holds for every row, since each row of ``probs`` sums to 1.
-    That reduction is a matmul with a column of ones (MindSpore's CPU ReduceSum over the last axis
-    took 1.9 ms for a ``(1, 2048, 64)`` product, the matmul 0.1 ms).
+    That reduction is :func:`_row_dot` (a matmul with a column of ones).
     When the query rows outnumber ``Dv``, that row term is subtracted inside the ``dP`` matmul (``dO``
     gets the column ``-dO.O``, ``v`` a column of ones), else it is tiled over the keys: no broadcast.
     """
     batch, grouped, _ = q.shape
     keys = k.shape[1]
     probs = probs.reshape(batch, grouped, keys)
-    dim_v = out.shape[2]
-    row_term = _BMM(d_out * out, _ONES_LIKE(out[:, :1, :]).reshape(batch, dim_v, 1))  # (B, G*C, 1)
+    row_term = _row_dot(d_out, out)  # (B, G*C, 1)
     if grouped > v.shape[2]:  # static shapes
         d_probs = _BMM_TRANSPOSE_B(_CONCAT_LAST((d_out, -row_term)), _CONCAT_LAST((v, _ONES_LIKE(v[:, :, :1]))))
     else:
@@ -142,7 +148,7 @@ class MaskedAttention(nn.Cell):
 
 class RowSoftmax(nn.Cell):
     """Softmax over the last axis of ``(B, R, N)`` scores, with the backward
-    ``P * (dP - sum_j P_j dP_j)`` whose row sum is a matmul with ones (MindSpore's CPU ReduceSum over
+    ``P * (dP - sum_j P_j dP_j)`` whose row sum is :func:`_row_dot` (MindSpore's CPU ReduceSum over
     the last axis, as autodiff's softmax backward uses it, is several times slower).
 
     Inputs:
@@ -156,6 +162,5 @@ class RowSoftmax(nn.Cell):
         return _SOFTMAX(x)
 
     def bprop(self, x, out, dout):
-        batch, _, keys = out.shape
-        row_term = _BMM(out * dout, _ONES_LIKE(out[:, :1, :]).reshape(batch, keys, 1))  # (B, R, 1)
-        return (out * (dout - _TILE(row_term, (1, 1, keys))),)
+        keys = out.shape[2]
+        return (out * (dout - _TILE(_row_dot(out, dout), (1, 1, keys))),)
