@@ -24,6 +24,7 @@ from . import kernel_routing, packing
 from .attention_math import group_queries, ungroup_outputs
 from .compressed_attention import CompressedAttention
 from .compressor import KVCompressor
+from .gate import GatedSum
 from .selected_attention import BlockMaskedSelectedAttention, SelectedAttention
 from .selection import BlockSelector
 from .sliding_window import SlidingWindowAttention
@@ -81,6 +82,7 @@ class NativeSparseAttention(nn.Cell):
         self.selected_attention = SelectedAttention(config)
         self.block_masked_selected_attention = BlockMaskedSelectedAttention(config)
         self.sliding_window = SlidingWindowAttention(config)
+        self.gated_sum = GatedSum()
 
     def branch_paths(self, total, actual_seq_len=None):
         """Which implementation each branch takes for ``total`` tokens laid out by ``actual_seq_len``
@@ -134,11 +136,10 @@ class NativeSparseAttention(nn.Cell):
         ends = packing.prefix_sums_tensor(actual_seq_len, total)
         segment, position, start, length = packing.layout_tensors(ends, total)
         slots = packing.max_windows(total, ends.shape[0], cfg.compress_block_size, cfg.compress_stride)
-        slot_rows, slot_valid, is_start = packing.window_slots_tensor(
+        slot_rows, _, is_start = packing.window_slots_tensor(
             position, length, cfg.compress_block_size, cfg.compress_stride, slots)
         first_slot = packing.first_slot_tensor(is_start, start)  # slot of each segment's first window
-        slot_segment = ops.gather(segment, slot_rows, 0)
-        slot_last = ops.gather(position, slot_rows, 0) + (cfg.compress_block_size - 1)
+        windows_ended = packing.windows_ended_tensor(position, cfg.compress_block_size, cfg.compress_stride)
         if kernel_compress:
             keys_cmp = self.k_compressor.with_kernel(k_cmp, cfg.compress_stride, host, slots)
             values_cmp = self.v_compressor.with_kernel(v_cmp, cfg.compress_stride, host, slots)
@@ -158,7 +159,6 @@ class NativeSparseAttention(nn.Cell):
         gathers = total > cfg.dense_selection_rows and not kernel_slc  # some chunk gathers its queries' blocks
         keys_slc = self.selected_attention.block_major(k_slc, block_rows) if gathers else None
         values_slc = self.selected_attention.block_major(v_slc, block_rows) if gathers else None
-        row_ids = ops.arange(0, total, dtype=ms.int32)
         # Queries and the head-major (Hkv, T, D) keys/values are split into the query chunks once: a chunk
         # then joins the pieces it reads. (Slicing rows per chunk instead costs, in the backward, a
         # T-sized gradient per chunk and slice.) Pieces a path does not use are dropped by graph compilation.
@@ -182,9 +182,8 @@ class NativeSparseAttention(nn.Cell):
                 # windows starting before row c1 are the first slots (they are in row order)
                 reach = min(slots, packing.max_windows(c1, ends.shape[0], cfg.compress_block_size,
                                                        cfg.compress_stride))
-                o_cmp, probs = self.compressed_attention(
-                    q_grouped, keys_cmp[:, :reach], values_cmp[:, :reach], slot_segment[:reach], slot_last[:reach],
-                    slot_valid[:reach], seg_q, pos_q)
+                o_cmp, probs = self.compressed_attention(q_grouped, keys_cmp[:, :reach], values_cmp[:, :reach],
+                                                         first_slot[c0:c1], windows_ended[c0:c1])
                 o_cmp = ungroup_outputs(o_cmp, rows)
                 blocks, valid = self.selector(probs, first_slot[c0:c1], pos_q, (c1 - 1) // cfg.select_block_size + 1)
             if kernel_slc:
@@ -202,14 +201,14 @@ class NativeSparseAttention(nn.Cell):
             r0 = max(0, c0 - cfg.window_size + 1)  # the window's first row
             o_win = ungroup_outputs(self.sliding_window(
                 q_grouped, _rows_from_pieces(k_win_pieces, chunk, r0, j), _rows_from_pieces(v_win_pieces, chunk, r0, j),
-                row_ids[r0:c1], pos_q, row_ids[c0:c1]), rows)
+                pos_q, c0 - r0), rows)
             parts.append((o_cmp, o_slc, o_win, blocks.transpose(1, 0, 2), valid.transpose(1, 0, 2)))
         o_cmp, o_win, blocks, valid = (ops.cat([p[i] for p in parts], 0) for i in (0, 2, 3, 4))
         if kernel_slc:
             o_slc = self._selected_kernel(q, k_slc, v_slc, blocks, valid, host)
         else:
             o_slc = ops.cat([p[1] for p in parts], 0)
-        out = (gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win).astype(out_dtype)
+        out = self.gated_sum(gates, o_cmp, o_slc, o_win).astype(out_dtype)
         if not details:
             return (out,)
         return out, o_cmp, o_slc, o_win, blocks, valid

@@ -8,8 +8,9 @@ Shapes: a chunk of ``C`` queries ``(C, H, D)`` with ``H = Hkv * G`` heads, head 
 import mindspore as ms
 from mindspore import nn, ops
 
-__all__ = ["MASKED", "masked_score", "group_queries", "ungroup_outputs", "visibility_bias", "attention_forward",
-           "attention_probs", "attention_backward", "MaskedAttention", "RowSoftmax"]
+__all__ = ["MASKED", "masked_score", "group_queries", "ungroup_outputs", "visibility_bias", "column_tiled",
+           "row_tiled", "row_dot", "attention_forward", "attention_probs", "attention_backward", "MaskedAttention",
+           "RowSoftmax"]
 
 # Primitives, not ops.* functions, in what a graph-mode bprop calls: MindSpore 2.9 fails to compile
 # many ops.* functions there (their Python branches). A branch on static shapes compiles when both arms
@@ -59,7 +60,18 @@ def visibility_bias(visible, dtype, masked):
     return _CAST(_LOGICAL_NOT(visible), dtype) * masked
 
 
-def _row_dot(a, b):
+def column_tiled(values, width):
+    """``(C,)`` -> ``(C, width)``, each value repeated along its row (an explicit tile, so that the
+    comparisons that build a mask are same-shape ops: see the primitives above)."""
+    return _TILE(values.reshape(-1, 1), (1, width))
+
+
+def row_tiled(values, height):
+    """``(N,)`` -> ``(height, N)``, the row repeated ``height`` times (see :func:`column_tiled`)."""
+    return _TILE(values.reshape(1, -1), (height, 1))
+
+
+def row_dot(a, b):
     """``sum(a * b, -1)`` of ``(B, R, N)`` tensors as ``(B, R, 1)``: a matmul with a column of ones
     (MindSpore's CPU ReduceSum over the last axis took 1.9 ms for a ``(1, 2048, 64)`` product, the
     matmul 0.1 ms). Primitives only, so graph-mode bprops can call it."""
@@ -103,14 +115,14 @@ def attention_backward(q, k, v, probs, out, d_out, scale):
 
     The softmax backward uses ``sum_j P_ij dP_ij = dO_i . O_i`` (one reduction over ``Dv`` instead of
     over the keys, as FlashAttention does); it holds for every row, since each row of ``probs`` sums to 1.
-    That reduction is :func:`_row_dot` (a matmul with a column of ones).
+    That reduction is :func:`row_dot` (a matmul with a column of ones).
     When the query rows outnumber ``Dv``, that row term is subtracted inside the ``dP`` matmul (``dO``
     gets the column ``-dO.O``, ``v`` a column of ones), else it is tiled over the keys: no broadcast.
     """
     batch, grouped, _ = q.shape
     keys = k.shape[1]
     probs = probs.reshape(batch, grouped, keys)
-    row_term = _row_dot(d_out, out)  # (B, G*C, 1)
+    row_term = row_dot(d_out, out)  # (B, G*C, 1)
     if grouped > v.shape[2]:  # static shapes
         d_probs = _BMM_TRANSPOSE_B(_CONCAT_LAST((d_out, -row_term)), _CONCAT_LAST((v, _ONES_LIKE(v[:, :, :1]))))
     else:
@@ -148,7 +160,7 @@ class MaskedAttention(nn.Cell):
 
 class RowSoftmax(nn.Cell):
     """Softmax over the last axis of ``(B, R, N)`` scores, with the backward
-    ``P * (dP - sum_j P_j dP_j)`` whose row sum is :func:`_row_dot` (MindSpore's CPU ReduceSum over
+    ``P * (dP - sum_j P_j dP_j)`` whose row sum is :func:`row_dot` (MindSpore's CPU ReduceSum over
     the last axis, as autodiff's softmax backward uses it, is several times slower).
 
     Inputs:
@@ -163,4 +175,4 @@ class RowSoftmax(nn.Cell):
 
     def bprop(self, x, out, dout):
         keys = out.shape[2]
-        return (out * (dout - _TILE(_row_dot(out, dout), (1, 1, keys))),)
+        return (out * (dout - _TILE(row_dot(out, dout), (1, 1, keys))),)

@@ -3,7 +3,7 @@ that have ended (window ``i`` is visible to in-segment position ``t`` iff ``i*d 
 
 from mindspore import nn, ops
 
-from .attention_math import MaskedAttention, masked_score, visibility_bias
+from .attention_math import MaskedAttention, column_tiled, masked_score, row_tiled, visibility_bias
 
 __all__ = ["CompressedAttention"]
 
@@ -11,23 +11,26 @@ __all__ = ["CompressedAttention"]
 class CompressedAttention(nn.Cell):
     """Softmax attention over compressed keys with NSA's causal rule.
 
-    A query that sees no window (``t < l - 1``) outputs exactly 0 with zero gradients.
+    Compressed windows are in slots numbered in row order, so the windows a query sees are the
+    consecutive slots ``first_slot .. first_slot + ended - 1``: its segment's first ``ended`` windows
+    (``packing.first_slot_tensor``, ``packing.windows_ended_tensor``). A query that sees no window
+    (``ended = 0``: ``t < l - 1``) outputs exactly 0 with zero gradients.
 
     Args:
         config (NSAConfig): sizes.
 
     Inputs:
         q (Tensor): ``(Hkv, G*C, Dq)`` grouped queries of a chunk (``attention_math.group_queries``).
-        k (Tensor): ``(Hkv, S, Dq)`` compressed keys; ``v``: ``(Hkv, S, Dv)`` compressed values.
-        slot_segment, slot_last, slot_valid (Tensor): ``(S,)`` segment id, in-segment position of the
-            last token, and validity of each compressed window.
-        segment, position (Tensor): ``(C,)`` the queries' segment ids and in-segment positions.
+        k (Tensor): ``(Hkv, S, Dq)`` compressed keys (the first ``S`` slots); ``v``: ``(Hkv, S, Dv)``.
+        first_slot (Tensor): ``(C,)`` int32 slot of the first window of each query's segment.
+        ended (Tensor): ``(C,)`` int32 windows of the query's segment that have ended at the query
+            (all within the ``S`` slots).
 
     Outputs:
         ``(out (Hkv, G*C, Dv), probs (Hkv, G, C, S))``: float, the probabilities for block selection
-        (no gradient flows through them). A query that sees no window (``t < l - 1``) has arbitrary
-        probabilities over masked windows; they do not matter to selection, since such a query is in
-        block 0 (``l' >= l``), its only candidate, which is forced.
+        (no gradient flows through them). A query that sees no window has arbitrary probabilities
+        over masked windows; they do not matter to selection, since such a query is in block 0
+        (``l' >= l``), its only candidate, which is forced.
     """
 
     def __init__(self, config):
@@ -35,14 +38,15 @@ class CompressedAttention(nn.Cell):
         self.masked = masked_score(config.ms_compute_dtype)
         self.attention = MaskedAttention(config.scale)
 
-    def construct(self, q, k, v, slot_segment, slot_last, slot_valid, segment, position):
-        kv_heads, grouped, _ = q.shape
-        rows = segment.shape[0]
-        visible = ops.logical_and(
-            ops.logical_and(slot_valid.reshape(1, -1), slot_segment.reshape(1, -1) == segment.reshape(-1, 1)),
-            slot_last.reshape(1, -1) <= position.reshape(-1, 1))
-        out, probs = self.attention(q, k, v, visibility_bias(visible, q.dtype, self.masked).reshape(1, rows, -1))
+    def construct(self, q, k, v, first_slot, ended):
+        kv_heads, grouped, dim = q.shape[0], q.shape[1], v.shape[2]
+        rows = first_slot.shape[0]
+        slots = k.shape[1]
+        # slot - first_slot in [0, ended): mask comparisons on explicitly tiled operands (see attention_math)
+        relative = row_tiled(ops.arange(0, slots, dtype=first_slot.dtype), rows) - column_tiled(first_slot, slots)
+        visible = ops.logical_and(relative >= 0, relative < column_tiled(ended, slots))
+        out, probs = self.attention(q, k, v, visibility_bias(visible, q.dtype, self.masked).reshape(1, rows, slots))
         # rows that see no window attend uniformly to masked keys: zero their outputs (and so their gradients)
-        sees = visible.any(axis=-1).astype(q.dtype).reshape(1, 1, rows, 1)
-        out = (out.reshape(kv_heads, grouped // rows, rows, -1) * sees).reshape(kv_heads, grouped, -1)
-        return out, probs
+        sees = ops.stop_gradient((ended > 0).astype(q.dtype)).reshape(1, 1, rows, 1)
+        sees = ops.tile(sees, (kv_heads, grouped // rows, 1, dim)).reshape(kv_heads, grouped, dim)
+        return out * sees, probs

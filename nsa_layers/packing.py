@@ -43,6 +43,7 @@ __all__ = [
     "window_slots_tensor",
     "window_rows_tensor",
     "first_slot_tensor",
+    "windows_ended_tensor",
     "segment_ids_tensor",
     "positions_tensor",
 ]
@@ -316,6 +317,19 @@ def window_rows_tensor(start_rows, width, total):
     """
     offsets = ops.arange(0, width, dtype=ms.int32).reshape(1, -1)
     return ops.minimum(start_rows.reshape(-1, 1) + offsets, total - 1)
+
+
+def windows_ended_tensor(position, block, stride):
+    """Compressed windows of its segment that have ended at each token, ``(T,)`` int32.
+
+    Window ``i`` (tokens ``i*stride .. i*stride + block - 1``) has ended at in-segment position ``t``
+    iff ``i*stride + block - 1 <= t``, so the count is ``max(0, t - block + 1 + stride) // stride``.
+    They are the first windows of the segment, which start at its :func:`first_slot_tensor` slot.
+
+    Args:
+        position (Tensor): ``(T,)`` int32 in-segment positions (from :func:`layout_tensors`).
+    """
+    return ops.maximum(position - (block - 1 - stride), 0) // stride
 
 
 def first_slot_tensor(is_start, start):

@@ -14,7 +14,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from . import packing
-from .attention_math import MaskedAttention, RowSoftmax, masked_score, visibility_bias
+from .attention_math import MaskedAttention, RowSoftmax, column_tiled, masked_score, row_tiled, visibility_bias
 
 __all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "RowPermutation", "block_grouped_slots",
            "selected_block_mask", "tile_pairs"]
@@ -237,7 +237,7 @@ class BlockMaskedSelectedAttention(nn.Cell):
             0, num_blocks, dtype=key_position.dtype).reshape(-1, 1)
         # the key's block is selected: a matmul with the keys' one-hot blocks (exact 0/1 sums)
         in_selected = ops.matmul(chosen, key_block.astype(dtype)).reshape(kv_heads, rows, keys) > 0.5
-        causal = ops.logical_and(key_segment.reshape(1, -1) == segment.reshape(-1, 1),
-                                 key_position.reshape(1, -1) <= position.reshape(-1, 1))
+        causal = ops.logical_and(row_tiled(key_segment, rows) == column_tiled(segment, keys),
+                                 row_tiled(key_position, rows) <= column_tiled(position, keys))
         visible = ops.logical_and(in_selected, causal.reshape(1, rows, keys))
         return self.attention(q, k, v, visibility_bias(visible, dtype, self.masked))[0]

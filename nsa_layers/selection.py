@@ -6,7 +6,7 @@ outside the segment, never a duplicate; slots beyond the available blocks are ma
 import mindspore as ms
 from mindspore import nn, ops
 
-from .attention_math import MASKED
+from .attention_math import MASKED, column_tiled, row_tiled
 
 __all__ = ["BlockSelector", "overlap_weights"]
 
@@ -70,7 +70,8 @@ class BlockSelector(nn.Cell):
         summed = summed.reshape(kv_heads, rows, slots)
         summed = ops.cat((summed, ops.zeros((kv_heads, rows, 1), summed.dtype)), axis=2)
         # probabilities of the query's own segment by in-segment window index (slot S holds a 0)
-        index = ops.minimum(first_slot.reshape(-1, 1) + ops.arange(0, local, dtype=ms.int32).reshape(1, -1), slots)
+        index = ops.minimum(column_tiled(first_slot, local) + row_tiled(ops.arange(0, local, dtype=ms.int32), rows),
+                            slots)
         by_window = ops.gather_elements(summed, 2, ops.broadcast_to(index.reshape(1, rows, local),
                                                                    (kv_heads, rows, local)))
         padded = ops.cat((ops.zeros((kv_heads, rows, self.left), summed.dtype), by_window,
@@ -85,13 +86,15 @@ class BlockSelector(nn.Cell):
     def construct(self, probs, first_slot, position, num_blocks):
         kv_heads, _, rows, _ = probs.shape
         importance = self.importance(probs, first_slot, num_blocks)
-        own = (position // self.block).reshape(-1, 1)
-        block_ids = ops.arange(0, num_blocks, dtype=ms.int32).reshape(1, -1)
+        # (Hkv, C, num_blocks) comparisons on explicitly tiled operands (see attention_math)
+        own = column_tiled(position // self.block, num_blocks)
+        block_ids = row_tiled(ops.arange(0, num_blocks, dtype=ms.int32), rows)
         candidate = block_ids <= own
         forced = ops.logical_and(candidate, ops.logical_or(block_ids < self.num_init,
                                                            block_ids > own - self.num_local))
+        candidate, forced = (ops.tile(x.reshape(1, rows, num_blocks), (kv_heads, 1, 1)) for x in (candidate, forced))
         score = ops.where(candidate, importance, ops.full_like(importance, MASKED))
-        score = ops.masked_fill(score, ops.broadcast_to(forced, score.shape), FORCED)
+        score = ops.masked_fill(score, forced, FORCED)
         if num_blocks < self.count:
             score = ops.cat((score, ops.full((kv_heads, rows, self.count - num_blocks), MASKED, dtype=score.dtype)), axis=2)
         # ops.sort is stable: equal scores keep ascending block order (ties to the lower index)

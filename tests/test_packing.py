@@ -97,3 +97,25 @@ def test_layout_of_no_tokens_is_empty(mode):
 
     layout = run(mode, fn, ms.Tensor(np.array([0], np.int32)))
     assert [(x.shape, x.dtype) for x in layout] == [((0,), ms.int32)] * 4
+
+
+@given(segment_lengths(max_segments=6, max_len=90), st.sampled_from([(16, 16), (32, 16), (48, 16), (64, 32)]))
+def test_windows_ended_are_consecutive_slots_from_the_first(lengths, block_stride):
+    """The windows a token sees (its segment's, ended at it: ``i*d + l - 1 <= t``) are the slots
+    ``first_slot .. first_slot + windows_ended - 1`` of the row-ordered layout, as the compressed
+    branch reads them; checked against explicit loops over the segments."""
+    block, stride = block_stride
+    prefix = prefix_sums(lengths)
+    total = prefix[-1]
+    ends = ms.Tensor(np.array(prefix, np.int32))
+    _, position, start, length = packing.layout_tensors(ends, total)
+    slots = packing.max_windows(total, len(prefix), block, stride)
+    rows, valid, is_start = packing.window_slots_tensor(position, length, block, stride, slots)
+    first = packing.first_slot_tensor(is_start, start).asnumpy()
+    ended = packing.windows_ended_tensor(position, block, stride).asnumpy()
+    rows, valid = rows.asnumpy(), valid.asnumpy()
+    for s, e in ref.segments(prefix):
+        for t in range(s, e):
+            expected = [w for w in range(s, e - block + 1, stride) if w + block - 1 <= t]
+            seen = slice(first[t], first[t] + ended[t])
+            assert rows[seen].tolist() == expected and valid[seen].all(), (t, s, e)
