@@ -44,6 +44,23 @@ def _rows_from_pieces(pieces, chunk, r0, last):
     return rows[0] if len(rows) == 1 else ops.cat(rows, 1)
 
 
+def _split_chunks(x, chunk, axis):
+    """``x`` split along ``axis`` into pieces of ``chunk`` rows (the last one shorter), as a tuple.
+
+    The whole pieces come from one ``Split`` primitive, whose backward joins the pieces' gradients.
+    (``ops.split`` with a list of sizes slices each piece instead, and the backward of each slice is a
+    gradient of the whole of ``x``: 32 of them, summed, for a 16k-row input in 512-row chunks.)
+    """
+    total = x.shape[axis]
+    whole = total // chunk
+    if whole * chunk == total:
+        return ops.Split(axis, whole)(x)
+    tail = ops.narrow(x, axis, whole * chunk, total - whole * chunk)
+    if whole == 0:
+        return (tail,)
+    return ops.Split(axis, whole)(ops.narrow(x, axis, 0, whole * chunk)) + (tail,)
+
+
 class NativeSparseAttention(nn.Cell):
     """The NSA core: compressors, the three branches and the gated sum, on packed batches.
 
@@ -164,9 +181,9 @@ class NativeSparseAttention(nn.Cell):
         # T-sized gradient per chunk and slice.) Pieces a path does not use are dropped by graph compilation.
         chunk = cfg.query_chunk_size
         sizes = [min(chunk, total - c0) for c0 in range(0, total, chunk)]
-        q_pieces = ops.split(q, sizes, 0)
-        k_win_pieces, v_win_pieces = (ops.split(x.transpose(1, 0, 2), sizes, 1) for x in (k_win, v_win))
-        k_slc_pieces, v_slc_pieces = (ops.split(x.transpose(1, 0, 2), sizes, 1) for x in (k_slc, v_slc))
+        q_pieces = _split_chunks(q, chunk, 0)
+        k_win_pieces, v_win_pieces = (_split_chunks(x.transpose(1, 0, 2), chunk, 1) for x in (k_win, v_win))
+        k_slc_pieces, v_slc_pieces = (_split_chunks(x.transpose(1, 0, 2), chunk, 1) for x in (k_slc, v_slc))
 
         parts = []  # per chunk: (o_cmp, o_slc or None, o_win, blocks, valid), (C, ...) layouts
         for j, rows in enumerate(sizes):

@@ -197,8 +197,13 @@ class SelectedAttention(nn.Cell):
         probs = self.softmax(scores + ops.tile(bias.reshape(kv_heads * rows, 1, count * self.block), (1, group, 1)))
         probs = self.permute(probs.reshape(pairs * group, self.block), to_tiles, to_softmax)
         out = ops.bmm(probs.reshape(tiles, tile * group, self.block), v_tiles).reshape(tiles * tile, group * dim_v)
-        out = self.permute(out, slot, pair_of_slot).reshape(kv_heads * rows, count, group * dim_v)
-        out = ops.bmm(ops.ones((kv_heads * rows, 1, count), out.dtype), out)  # sum over the slots
+        # back to the pairs, slot-major ((s, h, c) rows: pair (h, c, s) -> s * Hkv*C + h*C + c), so that the
+        # sum over the slots is one matmul with a row of ones (padding rows stay on the zero row)
+        by_slot = slot.reshape(kv_heads * rows, count).transpose(1, 0).reshape(-1)
+        slot_major = (pair_of_slot % count) * (kv_heads * rows) + pair_of_slot // count
+        slot_major = ops.where(pair_of_slot < pairs, slot_major, pair_of_slot)
+        out = self.permute(out, by_slot, slot_major).reshape(count, kv_heads * rows * group * dim_v)
+        out = ops.matmul(ops.ones((1, count), out.dtype), out)  # sum over the slots
         return out.reshape(kv_heads, rows, group, dim_v).transpose(1, 0, 2, 3).reshape(rows, heads, dim_v)
 
 
