@@ -84,6 +84,12 @@ class RowPermutation(nn.Cell):
     gather by ``inverse`` (the output row of each row of ``x``, or ``len(index)`` for none), not a
     scatter-add (MindSpore's CPU UnsortedSegmentSum is several times slower than Gather).
 
+    Args:
+        index_pads (bool): ``index`` may hold ``len(x)``; when False, no zero row is appended to ``x``
+            (appending copies ``x``).
+        inverse_pads (bool): ``inverse`` may hold ``len(index)`` (some row of ``x`` goes nowhere);
+            when False, the backward appends no zero row to the output's gradient.
+
     Inputs:
         x (Tensor): ``(N, F)``.
         index (Tensor): ``(M,)`` int32 in ``[0, N]``; ``inverse``: ``(N,)`` int32 in ``[0, M]``.
@@ -92,12 +98,24 @@ class RowPermutation(nn.Cell):
         Tensor ``(M, F)``.
     """
 
+    def __init__(self, index_pads=True, inverse_pads=True):
+        super().__init__()
+        self.index_pads = index_pads
+        self.inverse_pads = inverse_pads
+
     def construct(self, x, index, inverse):
-        return _GATHER(_CONCAT_ROWS((x, _ZEROS_LIKE(x[:1]))), index, 0)
+        if self.index_pads:  # (both arms assign: see attention_math on branches in graph mode)
+            source = _CONCAT_ROWS((x, _ZEROS_LIKE(x[:1])))
+        else:
+            source = x
+        return _GATHER(source, index, 0)
 
     def bprop(self, x, index, inverse, out, dout):
-        return _GATHER(_CONCAT_ROWS((dout, _ZEROS_LIKE(dout[:1]))), inverse, 0), _ZEROS_LIKE(index), \
-            _ZEROS_LIKE(inverse)
+        if self.inverse_pads:
+            source = _CONCAT_ROWS((dout, _ZEROS_LIKE(dout[:1])))
+        else:
+            source = dout
+        return _GATHER(source, inverse, 0), _ZEROS_LIKE(index), _ZEROS_LIKE(inverse)
 
 
 class SelectedAttention(nn.Cell):
@@ -139,7 +157,10 @@ class SelectedAttention(nn.Cell):
         offsets = np.arange(self.block)
         self.bias_table = Tensor(np.where(offsets.reshape(1, -1) < np.arange(self.block + 1).reshape(-1, 1), 0.0,
                                           masked_score(config.ms_compute_dtype)).astype(np.float32))
-        self.permute = RowPermutation()
+        # every (pair, head) row has a tile row, but tiles have padding rows: no zero row is needed
+        # when moving to the pairs (forward) nor when moving to the tiles (backward)
+        self.to_pairs = RowPermutation(index_pads=False, inverse_pads=True)
+        self.to_tiles = RowPermutation(index_pads=True, inverse_pads=False)
         self.softmax = RowSoftmax()
         self.bmm_transpose_b = ops.BatchMatMul(transpose_b=True)
 
@@ -188,21 +209,21 @@ class SelectedAttention(nn.Cell):
         slot_of_pair = pair_of_slot - query_of_slot * count
         to_tiles = (query_of_slot.reshape(-1, 1) * group + head_ids.reshape(1, -1)) * count + slot_of_pair.reshape(-1, 1)
         to_tiles = ops.minimum(to_tiles, pairs * group).reshape(-1)  # padding rows -> the zero row
-        scores = self.permute(scores, to_softmax, to_tiles).reshape(kv_heads * rows, group, count * self.block)
+        scores = self.to_pairs(scores, to_softmax, to_tiles).reshape(kv_heads * rows, group, count * self.block)
         # the last visible key offset of each slot: all of a past block, up to the query in its own
         # block, none of an empty slot; the bias row of the table is that offset + 1
         last = ops.tile(position.reshape(1, -1, 1), (kv_heads, 1, 1)) - blocks * self.block
         last = ops.where(valid, ops.minimum(last, self.block - 1), ops.full_like(last, -1))
         bias = ops.gather(self.bias_table.astype(q.dtype), last.reshape(-1) + 1, 0)
         probs = self.softmax(scores + ops.tile(bias.reshape(kv_heads * rows, 1, count * self.block), (1, group, 1)))
-        probs = self.permute(probs.reshape(pairs * group, self.block), to_tiles, to_softmax)
+        probs = self.to_tiles(probs.reshape(pairs * group, self.block), to_tiles, to_softmax)
         out = ops.bmm(probs.reshape(tiles, tile * group, self.block), v_tiles).reshape(tiles * tile, group * dim_v)
         # back to the pairs, slot-major ((s, h, c) rows: pair (h, c, s) -> s * Hkv*C + h*C + c), so that the
         # sum over the slots is one matmul with a row of ones (padding rows stay on the zero row)
         by_slot = slot.reshape(kv_heads * rows, count).transpose(1, 0).reshape(-1)
         slot_major = (pair_of_slot % count) * (kv_heads * rows) + pair_of_slot // count
         slot_major = ops.where(pair_of_slot < pairs, slot_major, pair_of_slot)
-        out = self.permute(out, by_slot, slot_major).reshape(count, kv_heads * rows * group * dim_v)
+        out = self.to_pairs(out, by_slot, slot_major).reshape(count, kv_heads * rows * group * dim_v)
         out = ops.matmul(ops.ones((1, count), out.dtype), out)  # sum over the slots
         return out.reshape(kv_heads, rows, group, dim_v).transpose(1, 0, 2, 3).reshape(rows, heads, dim_v)
 

@@ -54,10 +54,16 @@ def test_tile_pairs_fill_about_64_query_rows():
     assert [tile_pairs(g) for g in (1, 2, 4, 8, 16, 32)] == [16, 16, 16, 8, 4, 4]
 
 
-@given(st.integers(1, 20), st.integers(1, 30), st.integers(0, 2 ** 31))
-def test_row_permutation_and_its_gradient(rows, out_rows, seed):
+@given(st.integers(1, 20), st.integers(1, 30), st.booleans(), st.booleans(), st.integers(0, 2 ** 31))
+def test_row_permutation_and_its_gradient(rows, out_rows, index_pads, inverse_pads, seed):
     """Forward: ``x`` rows moved (index ``len(x)`` a zero row); gradient: the adjoint scatter, computed
-    here with NumPy's ``add.at`` from the index alone (the cell's backward uses the inverse)."""
+    here with NumPy's ``add.at`` from the index alone (the cell's backward uses the inverse). Without
+    ``index_pads`` every output row comes from ``x``; without ``inverse_pads`` every row of ``x`` goes
+    somewhere (the cases where the cell appends no zero row)."""
+    if not index_pads:
+        out_rows = min(out_rows, rows)
+    if not inverse_pads:
+        rows = min(rows, out_rows)
     rng = np.random.default_rng(seed)
     # each row of x to at most one output row
     targets = rng.permutation(max(rows, out_rows))[:rows]
@@ -69,7 +75,9 @@ def test_row_permutation_and_its_gradient(rows, out_rows, seed):
     x = random_normal(rng, (rows, 3))
     cot = random_normal(rng, (out_rows, 3))
     padded = np.concatenate([x, np.zeros((1, 3), np.float32)])
-    permute = RowPermutation()
+    assert index_pads or (index < rows).all()
+    assert inverse_pads or (inverse < out_rows).all()
+    permute = RowPermutation(index_pads, inverse_pads)
     np.testing.assert_array_equal(permute(Tensor(x), Tensor(index), Tensor(inverse)).asnumpy(), padded[index])
     expected = np.zeros((rows + 1, 3), np.float64)
     np.add.at(expected, index, cot)
