@@ -6,7 +6,8 @@
   shared by every op and layer.
 - The layers: :class:`NSAConfig`, :class:`NativeSparseAttention` (the core), :class:`NSASelfAttention`
   and the building blocks (:class:`KVCompressor`, :class:`CompressedAttention`, :class:`BlockSelector`,
-  :class:`SelectedAttention`, :class:`SlidingWindowAttention`, :class:`NSAGate`, :class:`RotaryEmbedding`).
+  :class:`SelectedAttention`, :class:`SlidingWindowAttention`, :class:`NSAGate`, :class:`GatedSum`,
+  :class:`RotaryEmbedding`).
 """
 
 from .config import NSAConfig
@@ -15,7 +16,7 @@ from .compressed_attention import CompressedAttention
 from .selection import BlockSelector
 from .selected_attention import SelectedAttention
 from .sliding_window import SlidingWindowAttention
-from .gate import NSAGate
+from .gate import GatedSum, NSAGate
 from .rotary import RotaryEmbedding
 from .attention import NativeSparseAttention
 from .self_attention import NSASelfAttention
@@ -23,4 +24,5 @@ from .self_attention import NSASelfAttention
 __version__ = "0.1.0"
 
 __all__ = ["NSAConfig", "KVCompressor", "CompressedAttention", "BlockSelector", "SelectedAttention",
-           "SlidingWindowAttention", "NSAGate", "RotaryEmbedding", "NativeSparseAttention", "NSASelfAttention"]
+           "SlidingWindowAttention", "NSAGate", "GatedSum", "RotaryEmbedding", "NativeSparseAttention",
+           "NSASelfAttention"]

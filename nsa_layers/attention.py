@@ -176,9 +176,9 @@ class NativeSparseAttention(nn.Cell):
         gathers = total > cfg.dense_selection_rows and not kernel_slc  # some chunk gathers its queries' blocks
         keys_slc = self.selected_attention.block_major(k_slc, block_rows) if gathers else None
         values_slc = self.selected_attention.block_major(v_slc, block_rows) if gathers else None
-        # Queries and the head-major (Hkv, T, D) keys/values are split into the query chunks once: a chunk
-        # then joins the pieces it reads. (Slicing rows per chunk instead costs, in the backward, a
-        # T-sized gradient per chunk and slice.) Pieces a path does not use are dropped by graph compilation.
+        # Queries and the head-major (Hkv, T, D) keys/values are cut into the query chunks once
+        # (_split_chunks): a chunk then joins the pieces it reads, and every piece's gradient is piece-sized.
+        # (Slicing rows per chunk instead costs, in the backward, a T-sized gradient per chunk and slice.)
         chunk = cfg.query_chunk_size
         sizes = [min(chunk, total - c0) for c0 in range(0, total, chunk)]
         q_pieces = _split_chunks(q, chunk, 0)
