@@ -219,7 +219,7 @@ class SelectedAttention(nn.Cell):
         probs = self.to_tiles(probs.reshape(pairs * group, self.block), to_tiles, to_softmax)
         out = ops.bmm(probs.reshape(tiles, tile * group, self.block), v_tiles).reshape(tiles * tile, group * dim_v)
         # back to the pairs, slot-major ((s, h, c) rows: pair (h, c, s) -> s * Hkv*C + h*C + c), so that the
-        # sum over the slots is one matmul with a row of ones (padding rows stay on the zero row)
+        # sum over the slots is one matmul with a row of ones (padding tile rows map to row P: no pair)
         by_slot = slot.reshape(kv_heads * rows, count).transpose(1, 0).reshape(-1)
         slot_major = (pair_of_slot % count) * (kv_heads * rows) + pair_of_slot // count
         slot_major = ops.where(pair_of_slot < pairs, slot_major, pair_of_slot)
