@@ -180,16 +180,15 @@ class NativeSparseAttention(nn.Cell):
         # (_split_chunks): a chunk then joins the pieces it reads, and every piece's gradient is piece-sized.
         # (Slicing rows per chunk instead costs, in the backward, a T-sized gradient per chunk and slice.)
         chunk = cfg.query_chunk_size
-        sizes = [min(chunk, total - c0) for c0 in range(0, total, chunk)]
         q_pieces = _split_chunks(q, chunk, 0)
         k_win_pieces, v_win_pieces = (_split_chunks(x.transpose(1, 0, 2), chunk, 1) for x in (k_win, v_win))
         k_slc_pieces, v_slc_pieces = (_split_chunks(x.transpose(1, 0, 2), chunk, 1) for x in (k_slc, v_slc))
 
         parts = []  # per chunk: (o_cmp, o_slc or None, o_win, blocks, valid), (C, ...) layouts
-        for j, rows in enumerate(sizes):
+        for j, q_chunk in enumerate(q_pieces):
+            rows = q_chunk.shape[0]
             c0 = j * chunk
             c1 = c0 + rows
-            q_chunk = q_pieces[j]
             q_grouped = group_queries(q_chunk, kv_heads)
             seg_q, pos_q = segment[c0:c1], position[c0:c1]
             if kernel_cmp:

@@ -25,6 +25,8 @@ import mindspore as ms
 from mindspore import Tensor, ops
 from mindspore.ops import constexpr
 
+from .attention_math import column_tiled, row_tiled
+
 __all__ = [
     "as_int_tuple",
     "check_prefix_sums",
@@ -313,10 +315,13 @@ def window_rows_tensor(start_rows, width, total):
     """Rows ``start + j`` for ``j < width`` of every window, ``(S, width)`` int32, clipped to row ``T - 1``.
 
     Callers mask the clipped rows and the rows past a segment's end (by position), so the clip only
-    keeps gathers in range.
+    keeps gathers in range. (Any run of ``width`` consecutive indices from each start works the same:
+    the selection reads compressed slots this way.) The sum is of explicitly tiled operands (see
+    ``attention_math``).
     """
-    offsets = ops.arange(0, width, dtype=ms.int32).reshape(1, -1)
-    return ops.minimum(start_rows.reshape(-1, 1) + offsets, total - 1)
+    rows = start_rows.shape[0]
+    offsets = row_tiled(ops.arange(0, width, dtype=ms.int32), rows)
+    return ops.minimum(column_tiled(start_rows, width) + offsets, total - 1)
 
 
 def windows_ended_tensor(position, block, stride):

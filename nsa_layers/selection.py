@@ -6,6 +6,7 @@ outside the segment, never a duplicate; slots beyond the available blocks are ma
 import mindspore as ms
 from mindspore import nn, ops
 
+from . import packing
 from .attention_math import MASKED, column_tiled, row_tiled
 
 __all__ = ["BlockSelector", "overlap_weights"]
@@ -70,8 +71,7 @@ class BlockSelector(nn.Cell):
         summed = summed.reshape(kv_heads, rows, slots)
         summed = ops.cat((summed, ops.zeros((kv_heads, rows, 1), summed.dtype)), axis=2)
         # probabilities of the query's own segment by in-segment window index (slot S holds a 0)
-        index = ops.minimum(column_tiled(first_slot, local) + row_tiled(ops.arange(0, local, dtype=ms.int32), rows),
-                            slots)
+        index = packing.window_rows_tensor(first_slot, local, slots + 1)
         by_window = ops.gather_elements(summed, 2, ops.broadcast_to(index.reshape(1, rows, local),
                                                                    (kv_heads, rows, local)))
         padded = ops.cat((ops.zeros((kv_heads, rows, self.left), summed.dtype), by_window,
