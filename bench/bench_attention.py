@@ -6,7 +6,9 @@ and per segment with plain ops and autodiff (the full-mask attention); "dense-co
 after each query chunk and uses NSA's own masked-attention core and backward. Every
 (implementation, T) runs in a fresh subprocess, so the peak resident memory it reports
 (``ru_maxrss``) belongs to that run alone; the time is the median of the steps after the compiling
-one and one warm-up step (the first step after compiling is much slower).
+one and one warm-up step (the first step after compiling is much slower). Where the full-mask dense
+runs out of memory (16k here), its step is estimated from two runs that attend only the first 2 and
+4 query chunks to all ``T`` keys (``estimate_full_mask``; ``--query-chunks``), marked "est." in the table.
 
 Run: ``make bench-attention`` or ``python bench/bench_attention.py [--lengths 1024 2048 ...]``;
 ``--profile nsa 16384 one`` prints where one step's op time goes instead (MindSpore's profiler).
@@ -28,7 +30,8 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 1, 64  # HEADS: the default; the den
 DENSE_CHUNK = 1024  # query rows per chunk in the dense baselines (bounds their transient memory)
 
 
-def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None, heads=HEADS, profile_dir=None):
+def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None, heads=HEADS, profile_dir=None,
+            query_chunks=None):
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindspore import Tensor, nn, ops  # pylint: disable=import-outside-toplevel
     from nsa_layers import NSAConfig, NSASelfAttention, packing  # pylint: disable=import-outside-toplevel
@@ -52,8 +55,9 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None,
         backward (the fastest dense attention written with the ops NSA uses).
         """
 
-        def __init__(self, core):
+        def __init__(self, core, query_rows):
             super().__init__()
+            self.query_rows = query_rows  # queries attended (the first ones); the full-mask estimate uses fewer than T
             self.heads = heads
             self.q_proj = nn.Dense(HIDDEN, heads * HEAD_DIM, has_bias=False)
             self.k_proj = nn.Dense(HIDDEN, KV_HEADS * HEAD_DIM, has_bias=False)
@@ -72,7 +76,7 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None,
             k = self.k_proj(x).reshape(1, t, HEAD_DIM)
             v = self.v_proj(x).reshape(1, t, HEAD_DIM)
             outs = []
-            for c0 in range(0, t, DENSE_CHUNK):
+            for c0 in range(0, min(t, self.query_rows), DENSE_CHUNK):
                 c1 = min(t, c0 + DENSE_CHUNK)
                 keys = c1 if self.core else t
                 visible = ops.logical_and(seg[c0:c1].reshape(-1, 1) == seg[:keys].reshape(1, -1),
@@ -85,10 +89,12 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None,
                     scores = self.bmm_tb(q[:, c0:c1], ops.broadcast_to(k, (self.heads, t, HEAD_DIM))) * HEAD_DIM ** -0.5
                     out = self.bmm(ops.softmax(scores + bias, -1), ops.broadcast_to(v, (self.heads, t, HEAD_DIM)))
                 outs.append(out.reshape(self.heads, c1 - c0, HEAD_DIM))
-            out = ops.cat(outs, 1).transpose(1, 0, 2).reshape(t, self.heads * HEAD_DIM)
+            out = ops.cat(outs, 1).transpose(1, 0, 2)
+            out = out.reshape(out.shape[0], self.heads * HEAD_DIM)
             return self.out_proj(out)
 
-    layer = NSASelfAttention(cfg) if impl == "nsa" else Dense(core=impl == "dense_core")
+    query_rows = total if query_chunks is None else query_chunks * DENSE_CHUNK
+    layer = NSASelfAttention(cfg) if impl == "nsa" else Dense(impl == "dense_core", query_rows)
     x = Tensor(np.random.default_rng(0).standard_normal((total, HIDDEN)).astype(np.float32))
     params = layer.trainable_params()
 
@@ -155,6 +161,32 @@ def print_profile(profile_dir, top=25):
 
 
 IMPLS = ("nsa", "dense", "dense_core")
+PARTIAL_CHUNKS = (2, 4)  # query chunks of the two partial full-mask runs behind an estimate
+
+
+def run_subprocess(impl, total, layout, options):
+    """One ``--one`` run in a fresh process -> its result dict, or None if it failed (out of memory)."""
+    done = subprocess.run([sys.executable, __file__, "--one", impl, str(total), layout] + options,
+                          capture_output=True, text=True, check=False)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
+    return json.loads(lines[-1]) if done.returncode == 0 and lines else None
+
+
+def estimate_full_mask(total, layout, options):
+    """The full-mask dense step at a ``T`` where it does not fit in memory, from two runs that attend
+    only the first 2 and 4 query chunks to all ``T`` keys: every chunk of the full-mask dense does the
+    same work (all ``T`` keys, whatever the mask), so the step is linear in the chunks attended;
+    extended linearly to all ``ceil(T / DENSE_CHUNK)`` of them. None if a partial run fails too."""
+    chunks = -(-total // DENSE_CHUNK)
+    if chunks <= PARTIAL_CHUNKS[-1]:
+        return None
+    runs = [run_subprocess("dense", total, layout, options + ["--query-chunks", str(n)]) for n in PARTIAL_CHUNKS]
+    if None in runs:
+        return None
+    (n0, n1), (r0, r1) = PARTIAL_CHUNKS, runs
+    per_chunk = (r1["step_s"] - r0["step_s"]) / (n1 - n0)
+    return {"impl": "dense", "T": total, "layout": layout, "estimated": True,
+            "step_s": r1["step_s"] + (chunks - n1) * per_chunk, "partial": runs}
 
 
 def main():
@@ -169,6 +201,9 @@ def main():
                         help="NSA select_dense_rows (default: NSAConfig's, 2 * n * 64)")
     parser.add_argument("--heads", type=int, default=HEADS,
                         help=f"query heads, all sharing the one KV head (default {HEADS})")
+    parser.add_argument("--query-chunks", type=int, default=None,
+                        help="dense only: attend the first N chunks of 1024 queries (to all T keys); "
+                             "what the full-mask estimate measures")
     parser.add_argument("--one", nargs=3, metavar=("IMPL", "T", "LAYOUT"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", nargs=3, metavar=("IMPL", "T", "LAYOUT"),
                         help="instead of the table: time one implementation in this process, then profile one "
@@ -184,7 +219,7 @@ def main():
     if args.one:
         impl, total, layout = args.one
         print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk, args.select_block_count,
-                                 args.select_dense_rows, args.heads)))
+                                 args.select_dense_rows, args.heads, query_chunks=args.query_chunks)))
         return
     options = ["--steps", str(args.steps), "--chunk", str(args.chunk), "--select-block-count",
                str(args.select_block_count), "--heads", str(args.heads)]  # what every subprocess run gets
@@ -199,22 +234,25 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for layout in args.layouts:
         for total in args.lengths:
-            row = {}
-            for impl in args.impls:
-                done = subprocess.run([sys.executable, __file__, "--one", impl, str(total), layout] + options,
-                                      capture_output=True, text=True, check=False)
-                lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
-                row[impl] = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+            row = {impl: run_subprocess(impl, total, layout, options) for impl in args.impls}
+            if "dense" in row and row["dense"] is None:
+                row["dense"] = estimate_full_mask(total, layout, options)
 
             def cell(impl):
                 if impl not in row:
                     return "-"  # not run (--impls)
                 result = row[impl]
-                return f"{result['step_s']:.2f} ({result['peak_mb']:.0f})" if result else "failed"
+                if result is None:
+                    return "failed"
+                if result.get("estimated"):
+                    return f"~{result['step_s']:.1f} (est.)"
+                return f"{result['step_s']:.2f} ({result['peak_mb']:.0f})"
 
             def ratio(impl):
                 nsa, other = row.get("nsa"), row.get(impl)
-                return f"{other['step_s'] / nsa['step_s']:.2f}" if nsa and other else "-"
+                if not (nsa and other):
+                    return "-"
+                return ("~" if other.get("estimated") else "") + f"{other['step_s'] / nsa['step_s']:.2f}"
 
             compile_s = f"{row['nsa']['compile_s']:.0f}" if row.get("nsa") else "-"
             print(f"| {layout} | {total} | {cell('nsa')} | {cell('dense')} | {ratio('dense')} | "

@@ -43,3 +43,42 @@ def test_bench_attention_profile_prints_where_the_op_time_went(tmp_path):
     assert total > 0 and {"BatchMatMul", "Gather", "UnsortedSegmentSum"} <= set(by_type), out
     assert sum(ms_ for _, ms_ in by_type.values()) <= total + len(by_type), out  # rounded shares of the total
     assert "| BatchMatMul | [" in out, out  # the per-shape table
+
+
+def _load_bench():
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    spec = importlib.util.spec_from_file_location("bench_attention", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_full_mask_estimate_extends_the_partial_runs_linearly(monkeypatch):
+    bench = _load_bench()
+    calls = []
+
+    def fake_run(impl, total, layout, options):
+        chunks = int(options[options.index("--query-chunks") + 1])
+        calls.append((impl, total, layout, chunks))
+        return {"step_s": {2: 4.5, 4: 8.0}[chunks], "peak_mb": 1.0}
+
+    monkeypatch.setattr(bench, "run_subprocess", fake_run)
+    # 16 chunks of 1024 rows: 1.75 s per chunk from the two runs, 8.0 + 12 * 1.75 = 29.0 s
+    estimate = bench.estimate_full_mask(16384, "one", ["--steps", "1"])
+    assert calls == [("dense", 16384, "one", 2), ("dense", 16384, "one", 4)]
+    assert estimate["estimated"] and abs(estimate["step_s"] - 29.0) < 1e-9
+    # 20000 rows: 20 chunks (the last one short counts as one), 8.0 + 16 * 1.75 = 36.0 s
+    assert abs(bench.estimate_full_mask(20000, "one", ["--steps", "1"])["step_s"] - 36.0) < 1e-9
+    # too few chunks to extend, or a partial run failing: no estimate
+    assert bench.estimate_full_mask(4096, "one", []) is None
+    monkeypatch.setattr(bench, "run_subprocess", lambda *args: None)
+    assert bench.estimate_full_mask(16384, "one", ["--steps", "1"]) is None
+
+
+def test_partial_full_mask_run_attends_only_the_first_query_chunks(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCH), "--one", "dense", "2048", "packed", "--steps", "1",
+                             "--query-chunks", "1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [l for l in result.stdout.splitlines() if l.startswith("{")][-1]
+    assert '"impl": "dense"' in line and '"T": 2048' in line
