@@ -121,25 +121,37 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None,
 
 def op_times(profile_dir):
     """Per-op times of a profiled step (MindSpore 2.9's CPU profiler files) ->
-    ``{(op type, input shapes): [total ms, calls]}`` (graph mode names most backward ops like forward ones)."""
+    ``{(op type, input shapes): [total ms, calls]}``.
+
+    The shapes file names each kernel by its short name only (``BatchMatMul-op8``), which a forward
+    kernel and a backward one (``Gradients/...``) can share with different shapes; its entries are in
+    launch order, so the k-th kernel of a short name there is the k-th one of that name to start in the
+    timings file."""
     import glob  # pylint: disable=import-outside-toplevel
     framework = sorted(glob.glob(f"{profile_dir}/*/FRAMEWORK"))[-1]
-    shapes = {}
+    shapes = {}  # short name -> input shapes of its kernels, in launch order
     with open(f"{framework}/cpu_framework_0.txt", encoding="utf-8") as lines:
         for line in lines:
             fields = line.strip().split(";")
             if len(fields) > 3:
                 inputs = [f.split(":", 1)[1] for f in fields[3:] if f and "NoShape" not in f]
-                shapes[fields[1]] = " ".join(inputs) if len(inputs) <= 4 else f"{len(inputs)} x {inputs[0]}"
-    times = {}
+                shapes.setdefault(fields[1], []).append(
+                    " ".join(inputs) if len(inputs) <= 4 else f"{len(inputs)} x {inputs[0]}")
+    launches = []  # (start, short name, ms)
     with open(f"{framework}/cpu_op_execute_timestamp_0.txt", encoding="utf-8") as lines:
         for line in lines:
             full_name, _, timing = line.strip().split(";")
-            name = full_name.split("/")[-1]
-            key = (name.split("-")[0], shapes.get(name, "?"))
-            entry = times.setdefault(key, [0.0, 0])
-            entry[0] += float(timing.split(",")[1])
-            entry[1] += 1
+            start, duration = timing.split(",")[:2]
+            launches.append((int(start), full_name.split("/")[-1], float(duration)))
+    times, seen = {}, {}
+    for _, name, duration in sorted(launches):
+        kernels = shapes.get(name, ["?"])
+        index = seen.get(name, 0)
+        seen[name] = index + 1
+        key = (name.split("-")[0], kernels[min(index, len(kernels) - 1)])
+        entry = times.setdefault(key, [0.0, 0])
+        entry[0] += duration
+        entry[1] += 1
     return times
 
 

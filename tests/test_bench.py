@@ -82,3 +82,21 @@ def test_partial_full_mask_run_attends_only_the_first_query_chunks(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     line = [l for l in result.stdout.splitlines() if l.startswith("{")][-1]
     assert '"impl": "dense"' in line and '"T": 2048' in line
+
+
+def test_op_times_give_kernels_sharing_a_short_name_their_own_shapes(tmp_path):
+    # a forward and a backward kernel named BatchMatMul-op8 with different shapes; the timings file
+    # lists launches out of order (by start time the forward is first)
+    framework = tmp_path / "run" / "FRAMEWORK"
+    framework.mkdir(parents=True)
+    (framework / "cpu_framework_0.txt").write_text(
+        "BatchMatMul;BatchMatMul-op8;1;input_1:[4, 8, 8];input_2:[4, 8, 2];input_3:NoShape;\n"
+        "Add;Add-op1;1;input_1:[3];input_2:[3];\n"
+        "BatchMatMul;BatchMatMul-op8;1;input_1:[4, 8, 2];input_2:[4, 2, 8];input_3:NoShape;\n")
+    (framework / "cpu_op_execute_timestamp_0.txt").write_text(
+        "Gradients/Default/Grad_BatchMatMul/BatchMatMul-op8;HostCpuOps;300,2.5,0\n"
+        "Default/Add-op1;HostCpuOps;200,0.25,0\n"
+        "Default/BatchMatMul-op8;HostCpuOps;100,1.5,0\n")
+    times = _load_bench().op_times(str(tmp_path))
+    assert times == {("BatchMatMul", "[4, 8, 8] [4, 8, 2]"): [1.5, 1], ("Add", "[3] [3]"): [0.25, 1],
+                     ("BatchMatMul", "[4, 8, 2] [4, 2, 8]"): [2.5, 1]}
