@@ -244,6 +244,7 @@ def main():
           f"step time s (peak MB)\n")
     print("| layout | T | NSA | dense | dense / NSA | dense-core | dense-core / NSA | NSA compile s |")
     print("|---|---|---|---|---|---|---|---|")
+    estimates = []  # the partial runs behind each estimated full-mask dense
     for layout in args.layouts:
         for total in args.lengths:
             row = {impl: run_subprocess(impl, total, layout, options) for impl in args.impls}
@@ -269,6 +270,13 @@ def main():
             compile_s = f"{row['nsa']['compile_s']:.0f}" if row.get("nsa") else "-"
             print(f"| {layout} | {total} | {cell('nsa')} | {cell('dense')} | {ratio('dense')} | "
                   f"{cell('dense_core')} | {ratio('dense_core')} | {compile_s} |", flush=True)
+            if row.get("dense") and row["dense"].get("estimated"):
+                estimates.append(f"{layout} {total}: " + ", ".join(
+                    f"{n} chunks {run['step_s']:.2f} s ({run['peak_mb']:.0f} MB)"
+                    for n, run in zip(PARTIAL_CHUNKS, row["dense"]["partial"])))
+    if estimates:
+        print(f"\nest.: the full-mask dense out of memory; its partial runs (first query chunks of {DENSE_CHUNK} "
+              "against all T keys), extended linearly to all chunks:\n" + "\n".join(estimates))
 
 
 if __name__ == "__main__":
