@@ -228,6 +228,8 @@ def main():
                                  args.select_dense_rows, args.heads, profile_dir=args.profile_dir)))
         print_profile(args.profile_dir)
         return
+    if args.query_chunks is not None and (not args.one or args.one[0] != "dense" or args.query_chunks < 1):
+        parser.error(f"--query-chunks {args.query_chunks}: only with --one dense, and at least 1")
     if args.one:
         impl, total, layout = args.one
         print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk, args.select_block_count,

@@ -1,8 +1,11 @@
-"""The committed attention benchmark still runs (a smoke run at a tiny size; no timing is checked)."""
+"""The committed attention benchmark still runs (smoke runs at a tiny size; no timing is checked), and its
+helpers (the full-mask estimate, the profile table, the option checks) do what they say on made-up inputs."""
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_attention.py"
 
@@ -100,3 +103,12 @@ def test_op_times_give_kernels_sharing_a_short_name_their_own_shapes(tmp_path):
     times = _load_bench().op_times(str(tmp_path))
     assert times == {("BatchMatMul", "[4, 8, 8] [4, 8, 2]"): [1.5, 1], ("Add", "[3] [3]"): [0.25, 1],
                      ("BatchMatMul", "[4, 8, 2] [4, 2, 8]"): [2.5, 1]}
+
+
+@pytest.mark.parametrize("args", [["--one", "nsa", "512", "one", "--query-chunks", "2"],
+                                  ["--one", "dense", "512", "one", "--query-chunks", "0"],
+                                  ["--lengths", "512", "--query-chunks", "2"]])
+def test_query_chunks_only_for_one_partial_dense_run(args, tmp_path):
+    result = subprocess.run([sys.executable, str(BENCH)] + args, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 2 and "--query-chunks" in result.stderr and "only with --one dense" in result.stderr
