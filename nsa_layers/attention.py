@@ -25,6 +25,7 @@ from .attention_math import group_queries, ungroup_outputs
 from .compressed_attention import CompressedAttention
 from .compressor import KVCompressor
 from .gate import GatedSum
+from .input_checks import check_float_input, check_kv_inputs
 from .selected_attention import BlockMaskedSelectedAttention, SelectedAttention
 from .selection import BlockSelector
 from .sliding_window import SlidingWindowAttention
@@ -126,6 +127,16 @@ class NativeSparseAttention(nn.Cell):
         """
         return self._forward(q, k, v, gates, actual_seq_len, True)
 
+    def _check_inputs(self, q, k, v, gates):
+        """Types, ranks, shapes and dtypes of the inputs, before any work (``input_checks``)."""
+        cfg = self.config
+        cell = "NativeSparseAttention"
+        check_float_input(cell, "q", q, (("T", None), ("num_heads", cfg.num_heads), ("head_dim", cfg.head_dim)))
+        rows = ("T", q.shape[0])
+        check_kv_inputs(cell, k, v, (rows, ("num_kv_heads", cfg.num_kv_heads), ("head_dim", cfg.head_dim)),
+                        (rows, ("num_kv_heads", cfg.num_kv_heads), ("v_head_dim", cfg.v_head_dim)))
+        check_float_input(cell, "gates", gates, (rows, ("num_heads", cfg.num_heads), ("branches", 3)))
+
     def _branch_inputs(self, k, v):
         dtype = self.config.ms_compute_dtype
         if isinstance(k, (tuple, list)):
@@ -135,6 +146,7 @@ class NativeSparseAttention(nn.Cell):
 
     def _forward(self, q, k, v, gates, actual_seq_len, details):
         cfg = self.config
+        self._check_inputs(q, k, v, gates)
         dtype = cfg.ms_compute_dtype
         total = q.shape[0]
         kv_heads = cfg.num_kv_heads

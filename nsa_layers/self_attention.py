@@ -5,6 +5,7 @@ from mindspore import nn, ops
 from . import packing
 from .attention import NativeSparseAttention
 from .gate import NSAGate
+from .input_checks import check_float_input, check_position_ids
 
 __all__ = ["NSASelfAttention"]
 
@@ -47,7 +48,10 @@ class NSASelfAttention(nn.Cell):
 
     def construct(self, hidden_states, actual_seq_len=None, position_ids=None):
         cfg = self.config
+        check_float_input("NSASelfAttention", "hidden_states", hidden_states, (("T", None),
+                                                                              ("hidden_size", cfg.hidden_size)))
         total = hidden_states.shape[0]
+        check_position_ids("NSASelfAttention", position_ids, total)
         if total == 0:  # no tokens: empty output, zero gradients (MindSpore's CPU MatMul leaves a product
             # over zero rows uninitialised, so the projections' weight gradients would be garbage)
             return ops.zeros((0, cfg.hidden_size), hidden_states.dtype)

@@ -1,0 +1,88 @@
+"""Checks of the layers' input tensors: types, ranks, shapes and dtypes, before any work.
+
+The shape and dtype checks take static metadata (``tensor.shape``, ``tensor.dtype``) inside a
+``constexpr``, so they run in PyNative and while ``mindspore.jit`` compiles. They raise the exception
+types MindSpore uses (``TypeError`` for a type or dtype, ``ValueError`` for a rank or shape) with a
+message that names the cell, the argument, the value and the rule. (The values of prefix sums given
+as a Tensor are graph data, not checked here: see ``packing.layout_tensors``.)
+"""
+
+import mindspore as ms
+from mindspore.ops import constexpr
+
+from .ops import _checks
+
+__all__ = ["check_float_input", "check_kv_inputs", "check_position_ids"]
+
+FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
+
+
+def check_float_input(cell, name, value, dims):
+    """``value`` must be a float Tensor of shape ``dims``.
+
+    Args:
+        cell (str): the cell's name, for the message.
+        name (str): the argument's name.
+        value: the argument.
+        dims (tuple): one ``(label, size)`` per axis; ``size`` None accepts any size (e.g. ``("T", None)``).
+    """
+    _checks.tensor(cell, name, value)
+    _check_shape_and_dtype(cell, name, value.shape, value.dtype, dims)
+
+
+def check_kv_inputs(cell, k, v, k_dims, v_dims):
+    """Keys and values: both Tensors (shared by the branches) or both 3-tuples (one per branch), each
+    key of shape ``k_dims`` and each value of shape ``v_dims`` (see :func:`check_float_input`)."""
+    k_set, v_set = isinstance(k, (tuple, list)), isinstance(v, (tuple, list))
+    _check_kv_kinds(cell, k_set, v_set, len(k) if k_set else 0, len(v) if v_set else 0)
+    if k_set:
+        for i, branch in enumerate(("compressed", "selected", "window")):
+            check_float_input(cell, f"k[{i}] ({branch})", k[i], k_dims)
+            check_float_input(cell, f"v[{i}] ({branch})", v[i], v_dims)
+    else:
+        check_float_input(cell, "k", k, k_dims)
+        check_float_input(cell, "v", v, v_dims)
+
+
+def check_position_ids(cell, position_ids, total):
+    """``position_ids``: None, or an integer Tensor of ``total`` elements."""
+    if position_ids is not None:
+        _checks.tensor(cell, "position_ids", position_ids)
+        _check_position_ids(cell, position_ids.shape, position_ids.dtype, total)
+
+
+@constexpr
+def _check_kv_kinds(cell, k_set, v_set, k_count, v_count):
+    if k_set != v_set:
+        raise TypeError(f"{cell}: 'k' and 'v' must both be Tensors (shared by the branches) or both tuples "
+                        f"(one per branch), but got a {'tuple' if k_set else 'Tensor'} and a "
+                        f"{'tuple' if v_set else 'Tensor'}.")
+    if k_set and (k_count != 3 or v_count != 3):
+        raise ValueError(f"{cell}: tuples 'k' and 'v' must hold 3 tensors each (compressed, selected, window), "
+                         f"but got {k_count} and {v_count}.")
+
+
+@constexpr
+def _check_shape_and_dtype(cell, name, shape, dtype, dims):
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{cell}: the dtype of '{name}' must be float16, bfloat16, float32 or float64, "
+                        f"but got {dtype}.")
+    rule = "(" + ", ".join(label if size is None else f"{label}={size}" for label, size in dims) + ")"
+    if len(shape) != len(dims):
+        raise ValueError(f"{cell}: '{name}' must have shape {rule}, but got rank {len(shape)} "
+                         f"(shape {tuple(shape)}).")
+    for (label, size), got in zip(dims, shape):
+        if size is not None and got != size:
+            raise ValueError(f"{cell}: '{name}' must have shape {rule}, but got {tuple(shape)} ({label} is {got}).")
+
+
+@constexpr
+def _check_position_ids(cell, shape, dtype, total):
+    if dtype not in (ms.int32, ms.int64):
+        raise TypeError(f"{cell}: the dtype of 'position_ids' must be int32 or int64, but got {dtype}.")
+    count = 1
+    for size in shape:
+        count *= size
+    if count != total:
+        raise ValueError(f"{cell}: 'position_ids' must hold T={total} positions (one per token), "
+                         f"but got shape {tuple(shape)}.")
