@@ -224,11 +224,10 @@ def prefix_sums_tensor(actual_seq_len, total):
     ``None`` and Python/NumPy sequences are validated and normalised on the host
     (:func:`normalize_prefix_sums`, at compile time under ``mindspore.jit``); a ``Tensor`` (data in a
     compiled graph, as MindFormers feeds it) is flattened and used as it is: :func:`layout_tensors`
-    tolerates its leading 0, repeated values and padding, and any order (each token's segment is
-    delimited by the nearest ends around it; the MindFormers adapter appends the row ends). A Tensor
-    must be int32 or int64 (``TypeError``); off Ascend its values are checked when the graph runs
-    (each in ``[0, total]``: MindSpore's ``Assert``, a ``RuntimeError`` that prints the values). On
-    Ascend they are not checked (the layers' Ascend path stays as the kernels need it).
+    tolerates its leading 0, repeated values and padding. A Tensor must be int32 or int64
+    (``TypeError``); off Ascend its values are checked when the graph runs (non-negative,
+    non-decreasing, at most ``total``: MindSpore's ``Assert``, a ``RuntimeError`` that prints the
+    values). On Ascend they are not checked (the layers' Ascend path stays as the kernels need it).
     """
     if isinstance(actual_seq_len, Tensor):
         _check_prefix_tensor_dtype(actual_seq_len.dtype)
@@ -248,8 +247,11 @@ def _check_prefix_tensor_dtype(dtype):
 
 
 def _prefix_sums_valid(ends, total):
-    """Scalar bool Tensor: every value of ``ends`` (non-empty) is in ``[0, total]``."""
-    return ops.logical_and((ends >= 0).all(), (ends <= total).all())
+    """Scalar bool Tensor: ``ends`` (non-empty) is non-negative, non-decreasing and at most ``total``."""
+    valid = ops.logical_and((ends >= 0).all(), (ends <= total).all())
+    if ends.shape[0] > 1:
+        valid = ops.logical_and(valid, (ends[1:] >= ends[:-1]).all())
+    return valid
 
 
 def _ends_tensor(ends):
