@@ -3,8 +3,8 @@
 The shape and dtype checks take static metadata (``tensor.shape``, ``tensor.dtype``) inside a
 ``constexpr``, so they run in PyNative and while ``mindspore.jit`` compiles. They raise the exception
 types MindSpore uses (``TypeError`` for a type or dtype, ``ValueError`` for a rank or shape) with a
-message that names the cell, the argument, the value and the rule. (Prefix sums are checked where
-they are read: ``packing.prefix_sums_tensor``.)
+message that names the cell, the argument, the value and the rule. (The values of prefix sums given
+as a Tensor are graph data, not checked here: see ``packing.layout_tensors``.)
 """
 
 import mindspore as ms

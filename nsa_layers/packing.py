@@ -26,9 +26,6 @@ from mindspore import Tensor, ops
 from mindspore.ops import constexpr
 
 from .attention_math import column_tiled, row_tiled
-from .ops._device import on_ascend
-
-_ASSERT = ops.Assert(summarize=64)
 
 __all__ = [
     "as_int_tuple",
@@ -224,34 +221,13 @@ def prefix_sums_tensor(actual_seq_len, total):
     ``None`` and Python/NumPy sequences are validated and normalised on the host
     (:func:`normalize_prefix_sums`, at compile time under ``mindspore.jit``); a ``Tensor`` (data in a
     compiled graph, as MindFormers feeds it) is flattened and used as it is: :func:`layout_tensors`
-    tolerates its leading 0, repeated values and padding. A Tensor must be int32 or int64
-    (``TypeError``); off Ascend its values are checked when the graph runs (non-negative,
-    non-decreasing, at most ``total``: MindSpore's ``Assert``, a ``RuntimeError`` that prints the
-    values). On Ascend they are not checked (the layers' Ascend path stays as the kernels need it).
+    tolerates its leading 0, repeated values and padding.
     """
     if isinstance(actual_seq_len, Tensor):
-        _check_prefix_tensor_dtype(actual_seq_len.dtype)
-        ends = actual_seq_len.reshape(-1)
-        if ends.shape[0] > 0 and not on_ascend():
-            ends = ops.depend(ends, _ASSERT(_prefix_sums_valid(ends, total), [ends]))
-        return ends
+        return actual_seq_len.reshape(-1)
     if actual_seq_len is not None:
         actual_seq_len = tuple(np.asarray(actual_seq_len).reshape(-1).tolist())
     return _host_prefix_sums_tensor(actual_seq_len, total)
-
-
-@constexpr
-def _check_prefix_tensor_dtype(dtype):
-    if dtype not in (ms.int32, ms.int64):
-        raise TypeError(f"prefix_sums_tensor: 'actual_seq_len' as a Tensor must be int32 or int64, but got {dtype}.")
-
-
-def _prefix_sums_valid(ends, total):
-    """Scalar bool Tensor: ``ends`` (non-empty) is non-negative, non-decreasing and at most ``total``."""
-    valid = ops.logical_and((ends >= 0).all(), (ends <= total).all())
-    if ends.shape[0] > 1:
-        valid = ops.logical_and(valid, (ends[1:] >= ends[:-1]).all())
-    return valid
 
 
 def _ends_tensor(ends):

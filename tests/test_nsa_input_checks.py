@@ -101,38 +101,3 @@ def test_valid_inputs_pass_the_checks(mode):
         return layer(x, actual_seq_len=None, position_ids=positions)
 
     assert run(mode, self_forward, _x((T, 64), ms.float16)).shape == (T, 64)
-
-
-# prefix sums as a Tensor (graph data): int dtype checked while compiling, values when the graph runs
-PREFIX_TENSOR_CASES = [
-    ("decreasing", ms.Tensor([30, 20, T], ms.int32), RuntimeError, ["assert"]),
-    ("above_T", ms.Tensor([20, T + 1], ms.int32), RuntimeError, ["assert"]),
-    ("negative", ms.Tensor([-1, T], ms.int64), RuntimeError, ["assert"]),
-    ("float", ms.Tensor([20.0, float(T)], ms.float32), TypeError, ["'actual_seq_len'", "int32 or int64", "Float32"]),
-]
-
-
-@pytest.mark.parametrize("ends, error, words", [c[1:] for c in PREFIX_TENSOR_CASES],
-                         ids=[c[0] for c in PREFIX_TENSOR_CASES])
-def test_prefix_sum_tensors_are_checked(mode, ends, error, words):
-    layer = NSASelfAttention(CFG)
-
-    def forward(x, seq):
-        return layer(x, actual_seq_len=seq)
-
-    with pytest.raises(error) as info:
-        run(mode, forward, _x((T, 64)), ends)
-    message = str(info.value)
-    assert all(w in message for w in words), message
-
-
-def test_mindformers_style_prefix_sum_tensors_pass_the_checks(mode):
-    # a leading 0, a zero-length segment, padding with the last value; one value; values below T
-    layer = NSASelfAttention(CFG)
-
-    def forward(x, seq):
-        return layer(x, actual_seq_len=seq)
-
-    for ends in ([0, 15, 15, T, T, T], [T], [7, 30]):
-        out = run(mode, forward, _x((T, 64)), ms.Tensor(ends, ms.int32))
-        assert out.shape == (T, 64) and np.isfinite(out.asnumpy()).all()
