@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh machine (a virtual environment in .venv with the pinned stack):
-#   make demo   runs the main example
-#   make test   runs the test suite
+#   make demo      runs the main example
+#   make test      runs the fast test tier (at most 5 minutes on 2 cores)
+#   make test-all  runs every test (what CI runs: .ci/run)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nsa-layers-installed
 
-.PHONY: setup demo test bench bench-attention clean
+.PHONY: setup demo test test-all bench bench-attention clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ demo: $(STAMP)
 	$(PY) examples/finetune_nsa.py
 
 test: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+test-all: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -34,7 +34,8 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None,
             query_chunks=None):
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindspore import Tensor, nn, ops  # pylint: disable=import-outside-toplevel
-    from nsa_layers import NSAConfig, NSASelfAttention, packing  # pylint: disable=import-outside-toplevel
+    from nsa_layers import NSAConfig, NSASelfAttention  # pylint: disable=import-outside-toplevel
+    from nsa_layers.layout import packed_layout  # pylint: disable=import-outside-toplevel
     from nsa_layers.attention_math import (MASKED, MaskedAttention,  # pylint: disable=import-outside-toplevel
                                            visibility_bias)
 
@@ -70,7 +71,7 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None,
 
         def construct(self, x, actual_seq_len):
             t = x.shape[0]
-            seg, _, _, _ = packing.layout_tensors(actual_seq_len, t)
+            seg = packed_layout(actual_seq_len, t, cfg)["segment"]
             rows = ops.arange(0, t, dtype=ms.int32)
             q = self.q_proj(x).reshape(t, self.heads, HEAD_DIM).transpose(1, 0, 2)  # (H, T, D), KV head 0
             k = self.k_proj(x).reshape(1, t, HEAD_DIM)

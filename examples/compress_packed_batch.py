@@ -15,8 +15,7 @@ import numpy as np
 import mindspore as ms
 
 from nsa_layers import packing
-from nsa_layers.ops import nsa_compress, nsa_compress_attention
-from nsa_layers.ops._device import on_ascend
+from nsa_layers.ops import nsa_compress, nsa_compress_attention, on_ascend
 
 
 def main():

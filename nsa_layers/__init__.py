@@ -2,8 +2,8 @@
 
 - ``nsa_layers.ops``: the MindSpore NSA ops (``nsa_compress``, ``nsa_compress_attention``,
   ``nsa_select_attention``): the Ascend kernel on Ascend, an exact pure-MindSpore fallback elsewhere.
-- ``nsa_layers.packing``: packed variable-length batch (TND, prefix-sum ``actual_seq_len``) bookkeeping
-  shared by every op and layer.
+- ``nsa_layers.packing`` (host, NumPy) and ``nsa_layers.layout`` (graph, tensors): the bookkeeping of
+  packed variable-length batches (TND, prefix-sum ``actual_seq_len``).
 - The layers: :class:`NSAConfig`, :class:`NativeSparseAttention` (the core), :class:`NSASelfAttention`
   and the building blocks (:class:`KVCompressor`, :class:`CompressedAttention`, :class:`BlockSelector`,
   :class:`SelectedAttention`, :class:`SlidingWindowAttention`, :class:`NSAGate`, :class:`GatedSum`,
@@ -18,11 +18,11 @@ from .selected_attention import SelectedAttention
 from .sliding_window import SlidingWindowAttention
 from .gate import GatedSum, NSAGate
 from .rotary import RotaryEmbedding
-from .attention import NativeSparseAttention
+from .attention import NativeSparseAttention, NSADetails
 from .self_attention import NSASelfAttention
 
 __version__ = "0.1.0"
 
 __all__ = ["NSAConfig", "KVCompressor", "CompressedAttention", "BlockSelector", "SelectedAttention",
            "SlidingWindowAttention", "NSAGate", "GatedSum", "RotaryEmbedding", "NativeSparseAttention",
-           "NSASelfAttention"]
+           "NSADetails", "NSASelfAttention"]

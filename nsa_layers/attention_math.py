@@ -25,11 +25,8 @@ _ZEROS_LIKE = ops.ZerosLike()
 _ONES_LIKE = ops.OnesLike()
 _TILE = ops.Tile()
 _CONCAT_LAST = ops.Concat(-1)
-# Why nothing here broadcasts: on CPU (MindSpore 2.9) a broadcasting binary op on a score-sized tensor
-# took about 6x its output in memory (a same-shape op plus an explicit tile: about 3x), and in a
-# graph-mode training step most of what the step allocates behaves as if it stays allocated until the end.
-# Broadcasting is slow too: the mask comparisons and multiplies of a 16k training step on (C, 1) and (1, N)
-# operands took 0.78 s of op time, 0.06 s on explicitly tiled ones (column_tiled, row_tiled).
+# Nothing here broadcasts: on MindSpore's CPU backend a broadcasting binary op costs several times its
+# output in memory and time against an explicit tile and a same-shape op (docs/design.md).
 
 # Score of a masked key: finite, so no inf - inf; exp(MASKED - row max) is exactly 0 in float32.
 MASKED = -1e30
@@ -75,8 +72,8 @@ def row_tiled(values, height):
 
 def row_dot(a, b):
     """``sum(a * b, -1)`` of ``(B, R, N)`` tensors as ``(B, R, 1)``: a matmul with a column of ones
-    (MindSpore's CPU ReduceSum over the last axis took 1.9 ms for a ``(1, 2048, 64)`` product, the
-    matmul 0.1 ms). Primitives only, so graph-mode bprops can call it."""
+    (MindSpore's CPU ReduceSum over an axis is many times slower). Primitives only, so graph-mode
+    bprops can call it."""
     batch, _, width = a.shape
     return _BMM(a * b, _ONES_LIKE(a[:, :1, :]).reshape(batch, width, 1))
 

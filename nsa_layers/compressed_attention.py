@@ -12,8 +12,8 @@ class CompressedAttention(nn.Cell):
     """Softmax attention over compressed keys with NSA's causal rule.
 
     Compressed windows are in slots numbered in row order, so the windows a query sees are the
-    consecutive slots ``first_slot .. first_slot + ended - 1``: its segment's first ``ended`` windows
-    (``packing.first_slot_tensor``, ``packing.windows_ended_tensor``). A query that sees no window
+    consecutive slots ``first_window .. first_window + ended - 1``: its segment's first ``ended`` windows
+    (``PackedLayout``). A query that sees no window
     (``ended = 0``: ``t < l - 1``) outputs exactly 0 with zero gradients.
 
     Args:
@@ -22,7 +22,7 @@ class CompressedAttention(nn.Cell):
     Inputs:
         q (Tensor): ``(Hkv, G*C, Dq)`` grouped queries of a chunk (``attention_math.group_queries``).
         k (Tensor): ``(Hkv, S, Dq)`` compressed keys (the first ``S`` slots); ``v``: ``(Hkv, S, Dv)``.
-        first_slot (Tensor): ``(C,)`` int32 slot of the first window of each query's segment.
+        first_window (Tensor): ``(C,)`` int32 slot of the first window of each query's segment.
         ended (Tensor): ``(C,)`` int32 windows of the query's segment that have ended at the query
             (all within the ``S`` slots).
 
@@ -38,12 +38,12 @@ class CompressedAttention(nn.Cell):
         self.masked = masked_score(config.ms_compute_dtype)
         self.attention = MaskedAttention(config.scale)
 
-    def construct(self, q, k, v, first_slot, ended):
+    def construct(self, q, k, v, first_window, ended):
         kv_heads, grouped, dim = q.shape[0], q.shape[1], v.shape[2]
-        rows = first_slot.shape[0]
+        rows = first_window.shape[0]
         slots = k.shape[1]
-        # slot - first_slot in [0, ended): mask comparisons on explicitly tiled operands (see attention_math)
-        relative = row_tiled(ops.arange(0, slots, dtype=first_slot.dtype), rows) - column_tiled(first_slot, slots)
+        # slot - first_window in [0, ended): mask comparisons on explicitly tiled operands (see attention_math)
+        relative = row_tiled(ops.arange(0, slots, dtype=first_window.dtype), rows) - column_tiled(first_window, slots)
         visible = ops.logical_and(relative >= 0, relative < column_tiled(ended, slots))
         out, probs = self.attention(q, k, v, visibility_bias(visible, q.dtype, self.masked).reshape(1, rows, slots))
         # rows that see no window attend uniformly to masked keys: zero their outputs (and so their gradients)

@@ -3,7 +3,7 @@
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from . import packing
+from .layout import window_rows_tensor
 from .ops import nsa_compress
 
 __all__ = ["KVCompressor"]
@@ -29,7 +29,7 @@ class KVCompressor(nn.Cell):
 
     Inputs:
         x (Tensor): ``(T, Hkv, D)`` float.
-        start_rows (Tensor): ``(S,)`` int32 window start rows (``packing.window_slots_tensor``).
+        window_starts (Tensor): ``(S,)`` int32 window start rows (``PackedLayout``).
 
     Outputs:
         Tensor ``(S, Hkv, D)``: one compressed row per slot (rows of invalid slots are meaningless).
@@ -44,10 +44,10 @@ class KVCompressor(nn.Cell):
             self.position_embedding = Parameter(Tensor(np.zeros((block, kv_heads, dim), np.float32)),
                                                 name="position_embedding")
 
-    def construct(self, x, start_rows):
+    def construct(self, x, window_starts):
         total, heads, dim = x.shape
-        slots = start_rows.shape[0]
-        rows = packing.window_rows_tensor(start_rows, self.block, total)
+        slots = window_starts.shape[0]
+        rows = window_rows_tensor(window_starts, self.block, total)
         windows = ops.gather(x, rows.reshape(-1), 0).reshape(slots, self.block, heads, dim)
         weight = self.weight.astype(x.dtype)
         out = (windows * weight.reshape(1, self.block, heads, 1)).sum(axis=1)

@@ -9,10 +9,10 @@ __all__ = ["NSAConfig"]
 _COMPUTE_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class NSAConfig:
     """Sizes of an NSA layer. Defaults are the paper's (§4.1): l=32, d=16, l'=64, n=16 with 1 initial
-    and 2 local blocks, w=512.
+    and 2 local blocks, w=512. Frozen and hashable: a layer's sizes are compile-time constants.
 
     Attributes:
         hidden_size: model width ``hidden`` of ``NSASelfAttention`` inputs and outputs.
@@ -32,16 +32,14 @@ class NSAConfig:
         use_position_embedding: learnable intra-block position embedding in the value compressor. Keys
             get none: with the linear per-head compression it would add one vector to every compressed
             key of a head, shifting each query's scores by a constant the softmax ignores (inert).
-        query_chunk_size: queries processed together; no ``T x T`` tensor is built. 512 (the default)
-            against 256, measured on CPU at T = 1k-16k (README benchmark): 11-22% lower peak memory,
-            about half the compile time, step times within run-to-run noise.
+        query_chunk_size: queries processed together; no ``T x T`` tensor is built (the choice of
+            512 is measured in ``docs/benchmarks.md``).
         select_dense_rows: a query chunk ending at row ``<= select_dense_rows`` computes the selected
             branch as one block-masked attention over all rows before its end (matmul-shaped, cheap
             while short); later chunks read each query's ``n`` blocks grouped by block
-            (``SelectedAttention``). ``None`` means ``2 * select_block_count * select_block_size``
-            (2048 for the paper's sizes: on CPU it beat 4096 at T = 4k and 8k, and 0 at T = 1k and
-            2k, see the README benchmark); ``0`` never uses the block mask. Both paths give the same
-            result.
+            (``SelectedAttention``). ``None`` (given) becomes ``2 * select_block_count *
+            select_block_size`` (2048 for the paper's sizes, see ``docs/design.md``); ``0`` never uses
+            the block mask. Both give the same result.
         compute_dtype: ``"float32"`` (CPU), ``"float16"`` or ``"bfloat16"``; inputs are cast to it.
         softmax_scale: score scale; ``None`` means ``head_dim ** -0.5``.
     """
@@ -99,18 +97,13 @@ class NSAConfig:
                              f"but got {self.compute_dtype!r}.")
         if self.softmax_scale is not None and not self.softmax_scale > 0:
             raise ValueError(f"NSAConfig: softmax_scale must be positive or None, but got {self.softmax_scale!r}.")
+        if self.select_dense_rows is None:
+            object.__setattr__(self, "select_dense_rows", 2 * self.select_block_count * self.select_block_size)
 
     @property
     def group_size(self):
         """Query heads per KV head ``G = H / Hkv``."""
         return self.num_heads // self.num_kv_heads
-
-    @property
-    def dense_selection_rows(self):
-        """``select_dense_rows`` with its default resolved."""
-        if self.select_dense_rows is None:
-            return 2 * self.select_block_count * self.select_block_size
-        return self.select_dense_rows
 
     @property
     def scale(self):

@@ -46,7 +46,7 @@ class GatedSum(nn.Cell):
 
     The gates are tiled over ``Dv`` and the backward is written by hand: each gate's gradient is a
     row dot product (a matmul with ones) instead of the broadcasting multiply and the reduction over
-    ``Dv`` autodiff produces (on CPU, 2-4x slower at ``T = 16k``).
+    ``Dv`` autodiff produces (several times slower on CPU).
 
     Inputs:
         gates (Tensor): ``(T, H, 3)`` gate values for (compressed, selected, window).

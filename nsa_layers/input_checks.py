@@ -4,13 +4,12 @@ The shape and dtype checks take static metadata (``tensor.shape``, ``tensor.dtyp
 ``constexpr``, so they run in PyNative and while ``mindspore.jit`` compiles. They raise the exception
 types MindSpore uses (``TypeError`` for a type or dtype, ``ValueError`` for a rank or shape) with a
 message that names the cell, the argument, the value and the rule. (The values of prefix sums given
-as a Tensor are graph data, not checked here: see ``packing.layout_tensors``.)
+as a Tensor are graph data, not checked here: see ``layout.prefix_sums_tensor``.)
 """
 
 import mindspore as ms
+from mindspore import Tensor
 from mindspore.ops import constexpr
-
-from .ops import _checks
 
 __all__ = ["check_float_input", "check_kv_inputs", "check_position_ids"]
 
@@ -26,7 +25,7 @@ def check_float_input(cell, name, value, dims):
         value: the argument.
         dims (tuple): one ``(label, size)`` per axis; ``size`` None accepts any size (e.g. ``("T", None)``).
     """
-    _checks.tensor(cell, name, value)
+    _check_tensor(cell, name, value)
     _check_shape_and_dtype(cell, name, value.shape, value.dtype, dims)
 
 
@@ -47,8 +46,13 @@ def check_kv_inputs(cell, k, v, k_dims, v_dims):
 def check_position_ids(cell, position_ids, total):
     """``position_ids``: None, or an integer Tensor of ``total`` elements."""
     if position_ids is not None:
-        _checks.tensor(cell, "position_ids", position_ids)
+        _check_tensor(cell, "position_ids", position_ids)
         _check_position_ids(cell, position_ids.shape, position_ids.dtype, total)
+
+
+def _check_tensor(cell, name, value):
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{cell}: '{name}' must be a Tensor, but got {type(value).__name__}.")
 
 
 @constexpr

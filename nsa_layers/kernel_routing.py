@@ -7,8 +7,8 @@ A branch goes to its kernel only when every condition holds; otherwise the reaso
 - ``actual_seq_len`` is known on the host (``None`` or a tuple/list): the kernels take prefix sums as
   ``tuple[int]``, so a Tensor of prefix sums (as MindFormers feeds them in graph mode) stays composite;
 - ``compute_dtype`` is float16 or bfloat16 (the kernels' dtypes);
-- the kernel's own argument check accepts the shapes and the layout (the checks of ``nsa_layers.ops``,
-  which mirror the documented errors), plus the documented constraints those checks leave to the
+- the kernel's own argument check accepts the shapes and the layout (the public ``check_*`` functions
+  of ``nsa_layers.ops``, which raise the documented errors), plus the documented constraints those checks leave to the
   kernel: ``nsa_compress`` only when ``l > d`` (its gradient needs it), ``nsa_select_attention`` only
   when every segment holds at least ``n`` blocks and is a whole number of blocks.
 
@@ -25,14 +25,15 @@ import numpy as np
 import mindspore as ms
 from mindspore.ops import constexpr
 
+from mindspore import ops
+
 from . import packing
-from .ops import compress as compress_op
-from .ops import compress_attention as compress_attention_op
-from .ops import select_attention as select_attention_op
-from .ops._device import on_ascend
+from .ops import (check_nsa_compress, check_nsa_compress_attention, check_nsa_select_attention, nsa_compress_attention,
+                  nsa_select_attention, on_ascend)
 
 __all__ = ["KERNEL", "COMPOSITE", "BRANCHES", "KernelRoute", "plan_kernel_route", "compressed_attention_masks",
-           "shifted_compressed_rows", "route_for", "host_prefix", "config_items"]
+           "shifted_compressed_rows", "route_for", "kernel_route", "compressed_and_selection_kernel",
+           "selected_kernel"]
 
 KERNEL = "ascend_kernel"
 COMPOSITE = "mindspore"
@@ -49,22 +50,28 @@ class KernelRoute:
     reasons: tuple
 
     def uses_kernel(self, branch):
+        """Whether ``branch`` (one of :data:`BRANCHES`) runs its Ascend kernel."""
         return dict(self.paths)[branch] == KERNEL
 
+    @property
+    def any_kernel(self):
+        """Whether some branch runs an Ascend kernel."""
+        return any(path == KERNEL for _, path in self.paths)
 
-def plan_kernel_route(config, total, prefix, ascend):
-    """Decide each branch's path. ``prefix``: a tuple of ints (host prefix sums, ``(total,)`` for one
+
+def plan_kernel_route(config, total, prefix_sums, ascend):
+    """Decide each branch's path. ``prefix_sums``: a tuple of ints (host prefix sums, ``(total,)`` for one
     segment) or ``None`` when they only exist as a Tensor; ``ascend``: the device is Ascend."""
     if not ascend:
         common = "the device is not Ascend"
-    elif prefix is None:
+    elif prefix_sums is None:
         common = "actual_seq_len is a Tensor; the NSA kernels take host prefix sums (tuple[int])"
     elif config.compute_dtype == "float32":
         common = "compute_dtype is float32; the NSA kernels take float16 or bfloat16"
     else:
         common = None
     if common is None:
-        reasons = _kernel_constraints(config, total, tuple(prefix))
+        reasons = _kernel_constraints(config, total, tuple(prefix_sums))
     else:
         reasons = {branch: common for branch in BRANCHES}
     reasons.setdefault("sliding_window", "no NSA kernel for the sliding window")
@@ -80,17 +87,17 @@ def _first_error(check):
     return None
 
 
-def _kernel_constraints(cfg, total, prefix):
+def _kernel_constraints(cfg, total, prefix_sums):
     dtype = cfg.ms_compute_dtype
     hkv, heads = cfg.num_kv_heads, cfg.num_heads
     block, stride, sel, count = cfg.compress_block_size, cfg.compress_stride, cfg.select_block_size, \
         cfg.select_block_count
-    lengths = packing.segment_lengths(prefix)
+    lengths = packing.segment_lengths(prefix_sums)
     reasons = {}
 
     def compress_check():
         for dim in (cfg.head_dim, cfg.v_head_dim):
-            compress_op._check_arguments((total, hkv, dim), dtype, (block, hkv), dtype, block, stride, prefix)
+            check_nsa_compress((total, hkv, dim), dtype, (block, hkv), dtype, block, stride, prefix_sums)
         if block == stride:
             raise ValueError("nsa_compress: the kernel's gradient needs compress_block_size > compress_stride")
 
@@ -98,16 +105,16 @@ def _kernel_constraints(cfg, total, prefix):
     if error:
         reasons["compress"] = error
 
-    shifted = packing.compressed_lengths(prefix, block, stride) + 1  # a masked key before each segment's windows
+    shifted = packing.compressed_lengths(prefix_sums, block, stride) + 1  # a masked key before each segment's windows
     cmplen = tuple(int(v) for v in np.cumsum(shifted))
     max_q, max_s2 = int(lengths.max()), int(shifted.max())
     max_sel = -(-max_s2 // (sel // stride))
 
     def compressed_check():
-        compress_attention_op._check_arguments(
+        check_nsa_compress_attention(
             (total, heads, cfg.head_dim), dtype, (cmplen[-1], hkv, cfg.head_dim), dtype,
             (cmplen[-1], hkv, cfg.v_head_dim), dtype, float(cfg.scale), heads, block, stride, sel, count,
-            ((max_q, max_sel), ms.bool_), ((max_q, max_s2), ms.bool_), prefix, cmplen, prefix)
+            ((max_q, max_sel), ms.bool_), ((max_q, max_s2), ms.bool_), prefix_sums, cmplen, prefix_sums)
         kernel_blocks = -(-shifted // (sel // stride))
         if (kernel_blocks < -(-lengths // sel)).any():
             raise ValueError(f"nsa_compress_attention: the kernel scores ceil(S2 / {sel // stride}) = "
@@ -119,10 +126,10 @@ def _kernel_constraints(cfg, total, prefix):
         reasons["compressed_attention"] = reasons["selection"] = error
 
     def selected_check():
-        select_attention_op._check_arguments(
+        check_nsa_select_attention(
             (total, heads, cfg.head_dim), dtype, (total, hkv, cfg.head_dim), dtype, (total, hkv, cfg.v_head_dim),
             dtype, (total, hkv, count), ms.int32, float(cfg.scale), heads, sel, count, ((1, 1), ms.bool_),
-            prefix, prefix)
+            prefix_sums, prefix_sums)
         if lengths.min() < sel * count or (lengths % sel).any():
             raise ValueError(f"nsa_select_attention: every segment must hold at least select_block_count * "
                              f"select_block_size = {sel * count} tokens and be a multiple of {sel}, but the "
@@ -135,7 +142,7 @@ def _kernel_constraints(cfg, total, prefix):
 
 
 @functools.lru_cache(maxsize=64)
-def compressed_attention_masks(prefix, block, stride, sel_block, num_init, num_local):
+def compressed_attention_masks(prefix_sums, block, stride, sel_block, num_init, num_local):
     """Host masks for ``nsa_compress_attention`` on the shifted layout (one masked key first).
 
     Returns ``(atten_mask, topk_mask)`` bool NumPy arrays: ``atten_mask (max S1, max S2')`` True
@@ -143,8 +150,8 @@ def compressed_attention_masks(prefix, block, stride, sel_block, num_init, num_l
     ``j - 1``, visible iff ``(j-1)*d + l - 1 <= s1``); ``topk_mask (max S1, max n_sel)`` True (forced)
     for the initial blocks and the local blocks ``own - num_local + 1 .. own``.
     """
-    max_q = int(packing.segment_lengths(prefix).max())
-    max_s2 = int((packing.compressed_lengths(prefix, block, stride) + 1).max())
+    max_q = int(packing.segment_lengths(prefix_sums).max())
+    max_s2 = int((packing.compressed_lengths(prefix_sums, block, stride) + 1).max())
     max_sel = -(-max_s2 // (sel_block // stride))
     pos = np.arange(max_q).reshape(-1, 1)
     column = np.arange(max_s2).reshape(1, -1)
@@ -156,11 +163,11 @@ def compressed_attention_masks(prefix, block, stride, sel_block, num_init, num_l
 
 
 @functools.lru_cache(maxsize=64)
-def shifted_compressed_rows(prefix, block, stride, sel_block):
+def shifted_compressed_rows(prefix_sums, block, stride, sel_block):
     """The shifted layout: ``(rows, cmp_prefix, sel_prefix)``: the compressed-window slot feeding each
-    shifted row (a segment's leading masked row reads slot 0), the shifted prefix sums, and the prefix
+    shifted row (a segment's leading masked row reads slot 0), the shifted prefix sums, and the prefix_sums
     sums of the kernel's selection-block counts ``ceil(S2' / (l'/d))``."""
-    windows = packing.compressed_lengths(prefix, block, stride)
+    windows = packing.compressed_lengths(prefix_sums, block, stride)
     rows, first = [], 0
     for count in windows:
         rows.extend([0] + list(range(first, first + int(count))))
@@ -171,49 +178,69 @@ def shifted_compressed_rows(prefix, block, stride, sel_block):
 
 
 @functools.lru_cache(maxsize=64)
-def route_for(config_items, total, prefix):
+def route_for(config, total, prefix_sums):
     """The :class:`KernelRoute` the layer takes on the current device (host side, cached;
-    ``config_items`` from :func:`config_items`, ``prefix`` from :func:`host_prefix`)."""
-    from .config import NSAConfig  # pylint: disable=import-outside-toplevel
-    return plan_kernel_route(NSAConfig(**dict(config_items)), total, prefix, on_ascend())
-
-
-def host_prefix(actual_seq_len, total):
-    """Normalised host prefix sums (a tuple) of ``None``/a sequence; ``None`` for a Tensor."""
-    if isinstance(actual_seq_len, ms.Tensor):
-        return None
-    if actual_seq_len is not None:
-        actual_seq_len = tuple(np.asarray(actual_seq_len).reshape(-1).tolist())
-    return _normalized(actual_seq_len, total)
+    ``prefix_sums`` from ``packing.host_prefix_sums``: a tuple, or ``None`` for a Tensor)."""
+    return plan_kernel_route(config, total, prefix_sums, on_ascend())
 
 
 @constexpr
-def _normalized(actual_seq_len, total):
-    return packing.normalize_prefix_sums(actual_seq_len, total)
+def kernel_route(config, total, prefix_sums):
+    """:func:`route_for` as a constexpr: the route is a compile-time constant of the graph."""
+    return route_for(config, total, prefix_sums)
 
 
 @constexpr
-def kernel_flags(config_items, total, prefix):
-    """``(compress, compressed_attention_and_selection, selected_attention)``: True where the branch
-    runs its kernel (a ``constexpr`` of :func:`plan_kernel_route` on the current device)."""
-    route = route_for(config_items, total, prefix)
-    return tuple(route.uses_kernel(b) for b in ("compress", "compressed_attention", "selected_attention"))
-
-
-def config_items(config):
-    """A hashable constant of an ``NSAConfig`` (for ``constexpr`` calls from a compiled graph)."""
-    return tuple(sorted(dataclasses.asdict(config).items()))
-
-
-@constexpr
-def masks_tensors(prefix, block, stride, sel_block, num_init, num_local):
+def masks_tensors(prefix_sums, block, stride, sel_block, num_init, num_local):
     """:func:`compressed_attention_masks` as bool Tensors."""
-    atten, topk = compressed_attention_masks(prefix, block, stride, sel_block, num_init, num_local)
+    atten, topk = compressed_attention_masks(prefix_sums, block, stride, sel_block, num_init, num_local)
     return ms.Tensor(atten), ms.Tensor(topk)
 
 
 @constexpr
-def shifted_rows_tensor(prefix, block, stride, sel_block):
+def shifted_rows_tensor(prefix_sums, block, stride, sel_block):
     """:func:`shifted_compressed_rows` with the rows as an int32 Tensor."""
-    rows, cmp_prefix, sel_prefix = shifted_compressed_rows(prefix, block, stride, sel_block)
+    rows, cmp_prefix, sel_prefix = shifted_compressed_rows(prefix_sums, block, stride, sel_block)
     return ms.Tensor(rows), cmp_prefix, sel_prefix
+
+
+def compressed_and_selection_kernel(config, q, k_cmp, v_cmp, position, prefix_sums):
+    """The compressed branch and the selection through ``nsa_compress_attention``, on the shifted layout
+    (one masked compressed key in front of each segment, so that the kernel's block-importance
+    indices give the exact token overlap).
+
+    Args:
+        config (NSAConfig): sizes.
+        q (Tensor): ``(T, H, Dq)``; ``k_cmp``, ``v_cmp``: ``(S, Hkv, D)`` window slots (windows first).
+        position (Tensor): ``(T,)`` int32 in-segment positions.
+        prefix_sums (tuple[int]): host prefix sums.
+
+    Returns:
+        ``(o_cmp (T, H, Dv), blocks (T, Hkv, n) int32, valid (T, Hkv, n) bool)``: ``o_cmp`` is 0 where no
+        window has ended; a block after the query's own one is an empty slot.
+    """
+    cfg = config
+    rows, cmp_prefix, sel_prefix = shifted_rows_tensor(prefix_sums, cfg.compress_block_size, cfg.compress_stride,
+                                                       cfg.select_block_size)
+    atten_mask, topk_mask = masks_tensors(prefix_sums, cfg.compress_block_size, cfg.compress_stride,
+                                          cfg.select_block_size, cfg.num_init_blocks, cfg.num_local_blocks)
+    o_cmp, blocks, _, _ = nsa_compress_attention(
+        q, ops.gather(k_cmp, rows, 0), ops.gather(v_cmp, rows, 0), cfg.scale, cfg.num_heads,
+        cfg.compress_block_size, cfg.compress_stride, cfg.select_block_size, cfg.select_block_count,
+        topk_mask=topk_mask, atten_mask=atten_mask, actual_seq_qlen=prefix_sums, actual_cmp_seq_kvlen=cmp_prefix,
+        actual_sel_seq_kvlen=sel_prefix)
+    sees_window = (position >= cfg.compress_block_size - 1).astype(o_cmp.dtype).reshape(-1, 1, 1)
+    valid = blocks <= (position // cfg.select_block_size).reshape(-1, 1, 1)
+    return o_cmp * sees_window, blocks, valid
+
+
+def selected_kernel(config, q, k, v, blocks, valid, prefix_sums):
+    """The selected branch through ``nsa_select_attention`` with its causal mask enabled, ``(T, H, Dv)``;
+    an empty slot ``s`` points at block ``s`` (a future block: fully masked, and distinct from the
+    valid ones, which come first)."""
+    cfg = config
+    slot = ops.arange(0, cfg.select_block_count, dtype=ms.int32).reshape(1, 1, -1)
+    indices = ops.where(valid, blocks.astype(ms.int32), ops.broadcast_to(slot, blocks.shape))
+    return nsa_select_attention(
+        q, k, v, indices, cfg.scale, cfg.num_heads, cfg.select_block_size, cfg.select_block_count,
+        atten_mask=ops.ones((1, 1), ms.bool_), actual_seq_qlen=prefix_sums, actual_seq_kvlen=prefix_sums)[0]

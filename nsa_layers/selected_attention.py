@@ -9,15 +9,17 @@ Two exact formulations of the same branch, chosen per query chunk by ``NativeSpa
   per-query block mask (one matmul; cheaper while the chunk ends early, ``NSAConfig.select_dense_rows``).
 """
 
+from typing import TypedDict
+
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from . import packing
 from .attention_math import MaskedAttention, RowSoftmax, column_tiled, masked_score, row_tiled, visibility_bias
+from .layout import window_rows_tensor
 
-__all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "RowPermutation", "block_grouped_slots",
-           "selected_block_mask", "tile_pairs"]
+__all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "RowPermutation", "SelectedTilePlan",
+           "selected_tile_plan", "block_grouped_slots", "selected_block_mask", "tile_pairs"]
 
 # primitives in what bprop calls (see attention_math)
 _GATHER = ops.Gather()
@@ -118,19 +120,87 @@ class RowPermutation(nn.Cell):
         return _GATHER(source, inverse, 0), _ZEROS_LIKE(index), _ZEROS_LIKE(inverse)
 
 
+class SelectedTilePlan(TypedDict):
+    """Where :class:`SelectedAttention` moves every row, for one query chunk (all int32).
+
+    Each ``a_from_b`` is a gather index: for every row of layout ``a``, its row in layout ``b``
+    (one past the end of ``b`` where ``a`` has a row that ``b`` lacks: a zero row). The layouts:
+    *tiles* (``R`` tiles of ``tile`` (query, slot) pairs of one block, times ``G`` heads each),
+    *softmax* rows (per KV head, query and query head, the ``k`` slots' ``l'`` keys side by side) and
+    *slots* (slot-major pairs, so the sum over the slots is one matmul).
+
+    Fields:
+        tile_blocks: ``(R,)`` row of ``k_blocks`` / ``v_blocks`` each tile reads.
+        tile_queries: ``(R * tile,)`` (KV head, query) row each tile row reads, ``Hkv*C`` for padding.
+        softmax_from_tiles, tiles_from_softmax: the score and probability rows, both ways.
+        slots_from_tiles, tiles_from_slots: the output rows, both ways.
+        key_bias: ``(Hkv*C*k,)`` row of the bias table of each pair: its last visible key offset + 1
+            (all of a past block, up to the query in its own block, none of an empty slot).
+    """
+
+    tile_blocks: Tensor
+    tile_queries: Tensor
+    softmax_from_tiles: Tensor
+    tiles_from_softmax: Tensor
+    slots_from_tiles: Tensor
+    tiles_from_slots: Tensor
+    key_bias: Tensor
+
+
+def selected_tile_plan(blocks, valid, first_block, position, num_blocks, blocks_per_head, group, tile, block_size):
+    """The :class:`SelectedTilePlan` of a query chunk: its (query, slot) pairs grouped by the block
+    they read (:func:`block_grouped_slots`), and every permutation the branch applies.
+
+    Args:
+        blocks, valid (Tensor): ``(Hkv, C, k)`` selected in-segment block ids and slot validity.
+        first_block (Tensor): ``(C,)`` int32 block slot of the first block of each query's segment.
+        position (Tensor): ``(C,)`` int32 in-segment positions.
+        num_blocks (int): the block slots the chunk can read (static; an empty slot's block beyond
+            them is clipped, its keys are all masked).
+        blocks_per_head (int): ``B``, block slots per KV head in ``k_blocks``.
+        group (int): query heads per KV head ``G``.
+        tile (int): pairs per tile (:func:`tile_pairs`).
+        block_size (int): ``l'``.
+    """
+    kv_heads, rows, count = blocks.shape
+    pairs = kv_heads * rows * count  # pair (h, c, s): KV head h, query c, slot s
+    block = ops.minimum(first_block.reshape(1, -1, 1) + blocks, num_blocks - 1)
+    kv_head = ops.arange(0, kv_heads, dtype=ms.int32).reshape(-1, 1, 1)
+    slot, pair_of_slot, tile_group = block_grouped_slots((block + kv_head * num_blocks).reshape(-1),
+                                                         kv_heads * num_blocks, tile)
+    tile_head = tile_group // num_blocks
+    query_of_slot = pair_of_slot // count
+    slot_of_pair = pair_of_slot - query_of_slot * count
+    head_ids = ops.arange(0, group, dtype=ms.int32)
+    tiles_from_softmax = (query_of_slot.reshape(-1, 1) * group + head_ids.reshape(1, -1)) * count + \
+        slot_of_pair.reshape(-1, 1)
+    slots_to_pairs = (pair_of_slot % count) * (kv_heads * rows) + pair_of_slot // count
+    last = ops.tile(position.reshape(1, -1, 1), (kv_heads, 1, 1)) - blocks * block_size
+    last = ops.where(valid, ops.minimum(last, block_size - 1), ops.full_like(last, -1))
+    return {
+        "tile_blocks": tile_head * blocks_per_head + tile_group - tile_head * num_blocks,
+        "tile_queries": query_of_slot,
+        "softmax_from_tiles": (slot.reshape(kv_heads, rows, 1, count) * group
+                               + head_ids.reshape(1, 1, -1, 1)).reshape(-1),
+        "tiles_from_softmax": ops.minimum(tiles_from_softmax, pairs * group).reshape(-1),  # padding: the zero row
+        "slots_from_tiles": slot.reshape(kv_heads * rows, count).transpose(1, 0).reshape(-1),
+        "tiles_from_slots": ops.where(pair_of_slot < pairs, slots_to_pairs, pair_of_slot),
+        "key_bias": last.reshape(-1) + 1,
+    }
+
+
 class SelectedAttention(nn.Cell):
     """Attention over the tokens of ``k`` selected blocks per query and KV group, grouped by block.
 
     Keys and values are laid out block-major once per forward (:meth:`block_major`: every selection
     block of every segment as one row of ``l' * D`` values). A chunk's (query, slot) pairs are grouped
     by the block they read and the groups padded to tiles of ``tile_pairs(G)`` pairs
-    (:func:`block_grouped_slots`), so each tile reads one block: scores are one batched matmul
-    ``(R, tile*G, Dq) @ (R, Dq, l')`` over ``R`` tiles that reads every selected block once per tile,
-    not once per query (the per-query copy of ``k * l'`` keys and values cost ~0.13 GB per 512-query
-    chunk at T = 16k and made this branch 58% of the step). The scores move to (query, head) rows for
-    the softmax over the ``k * l'`` keys and the probabilities back to tiles, both with
-    :class:`RowPermutation`; the outputs return to their queries and are summed over the slots.
-    Masked keys (after the query in its own block, and every key of an empty slot) get probability 0.
+    (:func:`selected_tile_plan`), so each tile reads one block: the scores are one batched matmul
+    ``(R, tile*G, Dq) @ (R, Dq, l')`` that reads every selected block once per tile, not once per
+    query. The scores move to (query, head) rows for the softmax over the ``k * l'`` keys and the
+    probabilities back to tiles (:class:`RowPermutation`); the outputs return to their queries and
+    are summed over the slots. Masked keys (after the query in its own block, and every key of an
+    empty slot) get probability 0. See ``docs/design.md``.
 
     Args:
         config (NSAConfig): sizes.
@@ -139,10 +209,9 @@ class SelectedAttention(nn.Cell):
         q (Tensor): ``(C, H, Dq)`` a chunk of queries.
         k_blocks (Tensor): ``(Hkv * B, l' * Dq)`` from :meth:`block_major`; ``v_blocks``: ``(Hkv * B, l' * Dv)``.
         blocks, valid (Tensor): ``(Hkv, C, k)`` selected in-segment block ids and slot validity.
-        block_base (Tensor): ``(C,)`` int32, block-major index of the first block of each query's segment.
+        first_block (Tensor): ``(C,)`` int32 block slot of the first block of each query's segment.
         position (Tensor): ``(C,)`` int32 in-segment positions.
-        num_blocks (int): static bound on the block-major index of the blocks the chunk can read,
-            plus one (the blocks starting before the chunk's end); at most ``B``.
+        num_blocks (int): the block slots the chunk can read (those starting before its end); at most ``B``.
 
     Outputs:
         Tensor ``(C, H, Dv)``.
@@ -164,67 +233,45 @@ class SelectedAttention(nn.Cell):
         self.softmax = RowSoftmax()
         self.bmm_transpose_b = ops.BatchMatMul(transpose_b=True)
 
-    def block_major(self, x, block_rows):
+    def block_major(self, x, block_starts):
         """``x (T, Hkv, D)`` -> ``(Hkv * B, l' * D)``: block ``b`` of head ``h`` is row ``h * B + b``.
 
-        ``block_rows (B,)`` are the blocks' first rows (``packing.window_slots_tensor`` with block 1 and
-        stride ``l'``); rows past a segment's end belong to the next segment or are clipped, and are
-        masked by position in :meth:`construct`.
+        ``block_starts (B,)`` are the blocks' first rows (``PackedLayout``); rows past a segment's end
+        belong to the next segment or are clipped, and are masked by position in :meth:`construct`.
         """
         total, kv_heads, dim = x.shape
-        count = block_rows.shape[0]
-        rows = packing.window_rows_tensor(block_rows, self.block, total)  # (B, l')
+        count = block_starts.shape[0]
+        rows = window_rows_tensor(block_starts, self.block, total)  # (B, l')
         flat = rows.reshape(1, -1) * kv_heads + ops.arange(0, kv_heads, dtype=ms.int32).reshape(-1, 1)
         return ops.gather(x.reshape(total * kv_heads, dim), flat.reshape(-1), 0).reshape(
             kv_heads * count, self.block * dim)
 
-    def construct(self, q, k_blocks, v_blocks, blocks, valid, block_base, position, num_blocks):
+    def construct(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, num_blocks):
         rows, heads, dim = q.shape
         kv_heads, _, count = blocks.shape
         group = heads // kv_heads
-        per_head = k_blocks.shape[0] // kv_heads
         dim_v = v_blocks.shape[1] // self.block
-        tile = self.tile
-        pairs = kv_heads * rows * count  # pair (h, c, s): query c, KV head h, slot s
-        # the block each pair reads, numbered per head among the chunk's first num_blocks blocks
-        # (an empty slot's block id may lie beyond them: it is clipped, its keys are all masked)
-        block = ops.minimum(block_base.reshape(1, -1, 1) + blocks, num_blocks - 1)
-        kv_head = ops.arange(0, kv_heads, dtype=ms.int32).reshape(-1, 1, 1)
-        slot, pair_of_slot, tile_group = block_grouped_slots((block + kv_head * num_blocks).reshape(-1),
-                                                             kv_heads * num_blocks, tile)
-        tiles = tile_group.shape[0]
-        tile_head = tile_group // num_blocks
-        tile_block_row = tile_head * per_head + tile_group - tile_head * num_blocks
-        k_tiles = ops.gather(k_blocks, tile_block_row, 0).reshape(tiles, self.block, dim)
-        v_tiles = ops.gather(v_blocks, tile_block_row, 0).reshape(tiles, self.block, dim_v)
-        # queries by (KV head, query) row, a zero row for padding (pair P -> row Hkv*C)
-        query_of_slot = pair_of_slot // count
+        plan = selected_tile_plan(blocks, valid, first_block, position, num_blocks, k_blocks.shape[0] // kv_heads,
+                                  group, self.tile, self.block)
+        tiles = plan["tile_blocks"].shape[0]
+        # gather: each tile's block, each tile row's query (scaled; a zero row for padding)
+        k_tiles = ops.gather(k_blocks, plan["tile_blocks"], 0).reshape(tiles, self.block, dim)
+        v_tiles = ops.gather(v_blocks, plan["tile_blocks"], 0).reshape(tiles, self.block, dim_v)
         q_rows = q.reshape(rows, kv_heads, group * dim).transpose(1, 0, 2).reshape(kv_heads * rows, group * dim)
         q_rows = ops.cat((q_rows * self.scale, ops.zeros((1, group * dim), q.dtype)), 0)
-        q_tiles = ops.gather(q_rows, query_of_slot, 0).reshape(tiles, tile * group, dim)
-        scores = self.bmm_transpose_b(q_tiles, k_tiles).reshape(tiles * tile * group, self.block)
-        # layout rows (slot, g) <-> softmax rows ((h, c, g), s): ordered so a (query, head) row holds its k*l' keys
-        head_ids = ops.arange(0, group, dtype=ms.int32)
-        to_softmax = (slot.reshape(kv_heads, rows, 1, count) * group + head_ids.reshape(1, 1, -1, 1)).reshape(-1)
-        slot_of_pair = pair_of_slot - query_of_slot * count
-        to_tiles = (query_of_slot.reshape(-1, 1) * group + head_ids.reshape(1, -1)) * count + slot_of_pair.reshape(-1, 1)
-        to_tiles = ops.minimum(to_tiles, pairs * group).reshape(-1)  # padding rows -> the zero row
-        scores = self.to_pairs(scores, to_softmax, to_tiles).reshape(kv_heads * rows, group, count * self.block)
-        # the last visible key offset of each slot: all of a past block, up to the query in its own
-        # block, none of an empty slot; the bias row of the table is that offset + 1
-        last = ops.tile(position.reshape(1, -1, 1), (kv_heads, 1, 1)) - blocks * self.block
-        last = ops.where(valid, ops.minimum(last, self.block - 1), ops.full_like(last, -1))
-        bias = ops.gather(self.bias_table.astype(q.dtype), last.reshape(-1) + 1, 0)
+        q_tiles = ops.gather(q_rows, plan["tile_queries"], 0).reshape(tiles, self.tile * group, dim)
+        # matmul, then the softmax over each (query, head)'s k * l' keys
+        scores = self.bmm_transpose_b(q_tiles, k_tiles).reshape(tiles * self.tile * group, self.block)
+        scores = self.to_pairs(scores, plan["softmax_from_tiles"], plan["tiles_from_softmax"])
+        scores = scores.reshape(kv_heads * rows, group, count * self.block)
+        bias = ops.gather(self.bias_table.astype(q.dtype), plan["key_bias"], 0)
         probs = self.softmax(scores + ops.tile(bias.reshape(kv_heads * rows, 1, count * self.block), (1, group, 1)))
-        probs = self.to_tiles(probs.reshape(pairs * group, self.block), to_tiles, to_softmax)
-        out = ops.bmm(probs.reshape(tiles, tile * group, self.block), v_tiles).reshape(tiles * tile, group * dim_v)
-        # back to the pairs, slot-major ((s, h, c) rows: pair (h, c, s) -> s * Hkv*C + h*C + c), so that the
-        # sum over the slots is one matmul with a row of ones (padding tile rows map to row P: no pair)
-        by_slot = slot.reshape(kv_heads * rows, count).transpose(1, 0).reshape(-1)
-        slot_major = (pair_of_slot % count) * (kv_heads * rows) + pair_of_slot // count
-        slot_major = ops.where(pair_of_slot < pairs, slot_major, pair_of_slot)
-        out = self.to_pairs(out, by_slot, slot_major).reshape(count, kv_heads * rows * group * dim_v)
-        out = ops.matmul(ops.ones((1, count), out.dtype), out)  # sum over the slots
+        probs = self.to_tiles(probs.reshape(-1, self.block), plan["tiles_from_softmax"], plan["softmax_from_tiles"])
+        # matmul with the values, then the sum over the slots (one matmul with a row of ones)
+        out = ops.bmm(probs.reshape(tiles, self.tile * group, self.block), v_tiles)
+        out = self.to_pairs(out.reshape(tiles * self.tile, group * dim_v), plan["slots_from_tiles"],
+                            plan["tiles_from_slots"])
+        out = ops.matmul(ops.ones((1, count), out.dtype), out.reshape(count, kv_heads * rows * group * dim_v))
         return out.reshape(kv_heads, rows, group, dim_v).transpose(1, 0, 2, 3).reshape(rows, heads, dim_v)
 
 

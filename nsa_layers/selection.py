@@ -6,7 +6,7 @@ outside the segment, never a duplicate; slots beyond the available blocks are ma
 import mindspore as ms
 from mindspore import nn, ops
 
-from . import packing
+from .layout import window_rows_tensor
 from .attention_math import MASKED, column_tiled, row_tiled
 
 __all__ = ["BlockSelector", "overlap_weights"]
@@ -40,7 +40,7 @@ class BlockSelector(nn.Cell):
         probs (Tensor): ``(Hkv, G, C, S)`` compression probabilities of a chunk (zero outside the
             query's segment and for windows not yet visible, except in the rows of queries that see no
             window: any finite values there, since such a query's only candidate is block 0).
-        first_slot (Tensor): ``(C,)`` int32, slot of the first window of each query's segment.
+        first_window (Tensor): ``(C,)`` int32, window slot of the first window of each query's segment.
         position (Tensor): ``(C,)`` int32 in-segment positions.
         num_blocks (int): static bound on the blocks a query of the chunk can select (``own + 1``).
 
@@ -59,19 +59,19 @@ class BlockSelector(nn.Cell):
         self.left = config.compress_block_size // config.compress_stride - 1
         self.weights = overlap_weights(config.compress_block_size, config.compress_stride, config.select_block_size)
 
-    def importance(self, probs, first_slot, num_blocks):
+    def importance(self, probs, first_window, num_blocks):
         """Group-summed block importance ``(Hkv, C, num_blocks)`` from ``probs (Hkv, G, C, S)``."""
         kv_heads, group, rows, slots = probs.shape
         per_block = self.windows_per_block
         local = num_blocks * per_block
         # float32 whatever the compute dtype: the MASKED / FORCED scores below need its range. The sum
-        # over the group is a matmul with ones (MindSpore's CPU ReduceSum over axis 1: 8-10 ms a chunk at 16k)
+        # over the group is a matmul with ones (MindSpore's CPU ReduceSum over an inner axis is slow)
         summed = ops.matmul(ops.ones((kv_heads, 1, group), ms.float32),
                             ops.stop_gradient(probs).astype(ms.float32).reshape(kv_heads, group, rows * slots))
         summed = summed.reshape(kv_heads, rows, slots)
         summed = ops.cat((summed, ops.zeros((kv_heads, rows, 1), summed.dtype)), axis=2)
         # probabilities of the query's own segment by in-segment window index (slot S holds a 0)
-        index = packing.window_rows_tensor(first_slot, local, slots + 1)
+        index = window_rows_tensor(first_window, local, slots + 1)
         by_window = ops.gather_elements(summed, 2, ops.broadcast_to(index.reshape(1, rows, local),
                                                                    (kv_heads, rows, local)))
         padded = ops.cat((ops.zeros((kv_heads, rows, self.left), summed.dtype), by_window,
@@ -83,9 +83,9 @@ class BlockSelector(nn.Cell):
             total = term if total is None else total + term
         return total
 
-    def construct(self, probs, first_slot, position, num_blocks):
+    def construct(self, probs, first_window, position, num_blocks):
         kv_heads, _, rows, _ = probs.shape
-        importance = self.importance(probs, first_slot, num_blocks)
+        importance = self.importance(probs, first_window, num_blocks)
         # (Hkv, C, num_blocks) comparisons on explicitly tiled operands (see attention_math)
         own = column_tiled(position // self.block, num_blocks)
         block_ids = row_tiled(ops.arange(0, num_blocks, dtype=ms.int32), rows)

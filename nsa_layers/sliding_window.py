@@ -15,7 +15,7 @@ class SlidingWindowAttention(nn.Cell):
     A chunk's keys are the consecutive rows from ``offset`` rows before its first query to its last
     query, so the distance from query ``i`` back to key ``j`` is ``offset + i - j`` whatever the
     layout: it is read from a constant table built once (``query_chunk_size x (query_chunk_size + w - 1)``
-    int32: 2 MB for 512 and 512), and only the segment start (the query's in-segment position) is data.
+    int32), and only the segment start (the query's in-segment position) is data.
 
     Args:
         config (NSAConfig): sizes (``window_size``, ``query_chunk_size``).

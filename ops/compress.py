@@ -29,11 +29,11 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn, ops
 from mindspore.ops import constexpr
 
-from nsa_layers import packing
+from . import _varlen
 from . import _checks
 from ._device import on_ascend
 
-__all__ = ["nsa_compress", "compress_windows"]
+__all__ = ["nsa_compress", "check_nsa_compress", "compress_windows"]
 
 _OP = "nsa_compress"
 _BMM_TRANSPOSE_B = ops.BatchMatMul(transpose_b=True)
@@ -88,25 +88,32 @@ def nsa_compress(input, weight, compress_block_size, compress_stride, *, actual_
     """
     _checks.tensor(_OP, "input", input)
     _checks.tensor(_OP, "weight", weight)
-    seq = _check_arguments(input.shape, input.dtype, weight.shape, weight.dtype,
-                           compress_block_size, compress_stride, actual_seq_len)
+    seq = _checked_arguments(input.shape, input.dtype, weight.shape, weight.dtype,
+                             compress_block_size, compress_stride, actual_seq_len)
     if on_ascend() and compress_block_size != compress_stride:
         return ms.ops.nsa_compress(input, weight, compress_block_size, compress_stride, actual_seq_len=seq)
     return compress_windows(input, weight, compress_block_size, compress_stride, seq)
 
 
-@constexpr
-def _check_arguments(input_shape, input_dtype, weight_shape, weight_dtype, block, stride, actual_seq_len):
-    """The documented error conditions after the two Tensor checks, types first, before any work.
+def check_nsa_compress(input_shape, input_dtype, weight_shape, weight_dtype, compress_block_size, compress_stride,
+                       actual_seq_len):
+    """The documented argument errors of :func:`nsa_compress` (after its two Tensor checks), on static
+    metadata, without running it: raises what ``nsa_compress`` would raise (types first).
 
-    A ``constexpr`` of static metadata: plain Python, also while ``mindspore.jit`` compiles.
-    Returns the prefix sums as a tuple of ints.
+    Args:
+        input_shape, weight_shape (tuple[int]): the shapes of ``input`` and ``weight``.
+        input_dtype, weight_dtype (mindspore.dtype): their dtypes.
+        compress_block_size, compress_stride, actual_seq_len: as :func:`nsa_compress` takes them.
+
+    Returns:
+        tuple[int]: ``actual_seq_len`` as a tuple of ints.
     """
+    block, stride = compress_block_size, compress_stride
     _checks.same_dtype(_OP, ("input", "weight"), (input_dtype, weight_dtype))
     _checks.half_dtype(_OP, "input", input_dtype)
     _checks.integer(_OP, "compress_block_size", block)
     _checks.integer(_OP, "compress_stride", stride)
-    seq = packing.as_int_tuple(actual_seq_len, "actual_seq_len", _OP)
+    seq = _varlen.as_int_tuple(actual_seq_len, "actual_seq_len", _OP)
 
     _checks.rank(_OP, "input", input_shape, 3, RuntimeError)
     _checks.rank(_OP, "weight", weight_shape, 2, RuntimeError)
@@ -129,7 +136,13 @@ def _check_arguments(input_shape, input_dtype, weight_shape, weight_dtype, block
     _checks.in_range(_OP, "compress_block_size", block, 16, 128, RuntimeError)
     _checks.multiple_of_16(_OP, "compress_stride", stride, RuntimeError)
     _checks.in_range(_OP, "compress_stride", stride, 16, block, RuntimeError, high_name="compress_block_size")
-    return packing.check_prefix_sums(seq, total, "actual_seq_len", _OP, RuntimeError)
+    return _varlen.check_prefix_sums(seq, total, "actual_seq_len", _OP, RuntimeError)
+
+
+@constexpr
+def _checked_arguments(*args):
+    """:func:`check_nsa_compress` as a constexpr (so it also runs while ``mindspore.jit`` compiles)."""
+    return check_nsa_compress(*args)
 
 
 def compress_windows(x, weight, block, stride, prefix):
@@ -171,7 +184,7 @@ def _window_plan(prefix, block, stride, heads):
       takes for chunk offset ``q``;
     - ``part_slots (N * Q * K,)``: inverse of ``part_rows``; ``T' * N`` (a zero row) where unused.
     """
-    starts = packing.window_starts(prefix, block, stride)
+    starts = _varlen.window_starts(prefix, block, stride)
     if starts.size == 0:
         return None
     chunk = gcd(block, stride)
@@ -179,8 +192,8 @@ def _window_plan(prefix, block, stride, heads):
     total = int(prefix[-1])
     # Rows each segment's windows read, from its first window start to its last window end: a whole
     # number of chunks, because block and stride are multiples of the chunk.
-    seg_first = packing.segment_starts(prefix)
-    counts = packing.compressed_lengths(prefix, block, stride)
+    seg_first = _varlen.segment_starts(prefix)
+    counts = _varlen.compressed_lengths(prefix, block, stride)
     read = [s + np.arange((c - 1) * stride + block) for s, c in zip(seg_first, counts) if c > 0]
     virtual_rows = np.concatenate(read)
     chunks = virtual_rows.size // chunk

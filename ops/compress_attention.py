@@ -12,11 +12,11 @@ import mindspore as ms
 from mindspore import Tensor, mint, ops
 from mindspore.ops import constexpr
 
-from nsa_layers import packing
+from . import _varlen
 from . import _checks
 from ._device import on_ascend
 
-__all__ = ["nsa_compress_attention", "kernel_importance_weights"]
+__all__ = ["nsa_compress_attention", "check_nsa_compress_attention", "kernel_importance_weights"]
 
 _OP = "nsa_compress_attention"
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -104,7 +104,7 @@ def nsa_compress_attention(query, key, value, scale_value, head_num, compress_bl
         _checks.tensor(_OP, name, arg)
     _checks.optional_tensor(_OP, "topk_mask", topk_mask)
     _checks.optional_tensor(_OP, "atten_mask", atten_mask)
-    plan = _check_arguments(
+    plan = _checked_arguments(
         query.shape, query.dtype, key.shape, key.dtype, value.shape, value.dtype, scale_value, head_num,
         compress_block_size, compress_stride, select_block_size, select_block_count,
         _mask_meta(topk_mask), _mask_meta(atten_mask),
@@ -122,11 +122,25 @@ def _mask_meta(mask):
     return None if mask is None else (mask.shape, mask.dtype)
 
 
-@constexpr
-def _check_arguments(q_shape, q_dtype, k_shape, k_dtype, v_shape, v_dtype, scale, head_num, block, stride,
-                     sel_block, count, topk_meta, atten_meta, qlen, cmplen, sellen):
-    """Every documented constraint on static metadata, before any work (a ``constexpr``: plain
-    Python, also while ``mindspore.jit`` compiles). Returns the normalised batch layout."""
+def check_nsa_compress_attention(q_shape, q_dtype, k_shape, k_dtype, v_shape, v_dtype, scale_value, head_num,
+                                 compress_block_size, compress_stride, select_block_size, select_block_count,
+                                 topk_mask_meta, atten_mask_meta, actual_seq_qlen, actual_cmp_seq_kvlen,
+                                 actual_sel_seq_kvlen):
+    """The documented argument errors of :func:`nsa_compress_attention` (after its Tensor checks), on
+    static metadata, without running it: raises what the op would raise (types first).
+
+    Args:
+        q_shape, k_shape, v_shape (tuple[int]) and q_dtype, k_dtype, v_dtype: of query, key, value.
+        topk_mask_meta, atten_mask_meta: ``None`` (no mask) or the mask's ``(shape, dtype)``.
+        The others: as :func:`nsa_compress_attention` takes them.
+
+    Returns:
+        ``(qlen, cmplen)``: the query and compressed-key prefix sums as tuples of ints.
+    """
+    scale, block, stride, sel_block, count = (scale_value, compress_block_size, compress_stride, select_block_size,
+                                              select_block_count)
+    topk_meta, atten_meta = topk_mask_meta, atten_mask_meta
+    qlen, cmplen, sellen = actual_seq_qlen, actual_cmp_seq_kvlen, actual_sel_seq_kvlen
     bad = ValueError
     _checks.same_dtype(_OP, ("query", "key", "value"), (q_dtype, k_dtype, v_dtype))
     _checks.half_dtype(_OP, "query", q_dtype)
@@ -137,9 +151,9 @@ def _check_arguments(q_shape, q_dtype, k_shape, k_dtype, v_shape, v_dtype, scale
     for name, val in (("head_num", head_num), ("compress_block_size", block), ("compress_stride", stride),
                       ("select_block_size", sel_block), ("select_block_count", count)):
         _checks.integer(_OP, name, val)
-    qlen = packing.as_int_tuple(qlen, "actual_seq_qlen", _OP)
-    cmplen = packing.as_int_tuple(cmplen, "actual_cmp_seq_kvlen", _OP)
-    packing.as_int_tuple(sellen, "actual_sel_seq_kvlen", _OP)
+    qlen = _varlen.as_int_tuple(qlen, "actual_seq_qlen", _OP)
+    cmplen = _varlen.as_int_tuple(cmplen, "actual_cmp_seq_kvlen", _OP)
+    _varlen.as_int_tuple(sellen, "actual_sel_seq_kvlen", _OP)
 
     for name, shape in (("query", q_shape), ("key", k_shape), ("value", v_shape)):
         _checks.rank(_OP, name, shape, 3, bad)
@@ -173,12 +187,12 @@ def _check_arguments(q_shape, q_dtype, k_shape, k_dtype, v_shape, v_dtype, scale
         raise bad(f"{_OP}: 'select_block_size' ({sel_block}) must be a multiple of 'compress_stride' ({stride}).")
     _checks.in_range(_OP, "select_block_count", count, 1, 32, bad)
 
-    packing.check_prefix_sums(qlen, t1, "actual_seq_qlen", _OP, bad, positive=False, last="at_most")
-    packing.check_prefix_sums(cmplen, t2, "actual_cmp_seq_kvlen", _OP, bad, positive=False, last="at_most")
+    _varlen.check_prefix_sums(qlen, t1, "actual_seq_qlen", _OP, bad, positive=False, last="at_most")
+    _varlen.check_prefix_sums(cmplen, t2, "actual_cmp_seq_kvlen", _OP, bad, positive=False, last="at_most")
     if len(qlen) != len(cmplen):
         raise bad(f"{_OP}: 'actual_seq_qlen' and 'actual_cmp_seq_kvlen' must have the same number of batches, "
                   f"but got {len(qlen)} and {len(cmplen)}.")
-    cmp_lengths = packing.segment_lengths(cmplen)
+    cmp_lengths = _varlen.segment_lengths(cmplen)
     if cmp_lengths.min() < 1 or cmp_lengths.max() > MAX_COMPRESSED_KV:
         raise bad(f"{_OP}: every batch's compressed KV length must be in [1, {MAX_COMPRESSED_KV}], "
                   f"but 'actual_cmp_seq_kvlen' gives {cmp_lengths.tolist()}.")
@@ -187,14 +201,22 @@ def _check_arguments(q_shape, q_dtype, k_shape, k_dtype, v_shape, v_dtype, scale
     if count > n_sel.min():
         raise bad(f"{_OP}: 'select_block_count' ({count}) must be at most every batch's selection-block count "
                   f"ceil(S2 / {ratio}) = {n_sel.tolist()}.")
-    q_lengths = packing.segment_lengths(qlen)
+    q_lengths = _varlen.segment_lengths(qlen)
     for name, meta, width in (("atten_mask", atten_meta, int(cmp_lengths.max())),
                               ("topk_mask", topk_meta, int(n_sel.max()))):
         if meta is not None and (len(meta[0]) != 2 or meta[0][0] < q_lengths.max() or meta[0][1] < width):
             raise bad(f"{_OP}: '{name}' must be 2-D with at least ({int(q_lengths.max())}, {width}) elements "
                       f"(max query length, max {'S2' if name == 'atten_mask' else 'n_sel'}), "
                       f"but got shape {tuple(meta[0])}.")
-    return qlen, cmplen, block, stride, sel_block
+    return qlen, cmplen
+
+
+@constexpr
+def _checked_arguments(*args):
+    """:func:`check_nsa_compress_attention` as a constexpr (so it also runs while ``mindspore.jit``
+    compiles); returns the fallback's batch layout ``(qlen, cmplen, block, stride, sel_block)``."""
+    qlen, cmplen = check_nsa_compress_attention(*args)
+    return qlen, cmplen, args[8], args[9], args[10]
 
 
 @functools.lru_cache(maxsize=512)

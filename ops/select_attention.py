@@ -12,11 +12,11 @@ import mindspore as ms
 from mindspore import Tensor, mint, ops
 from mindspore.ops import constexpr
 
-from nsa_layers import packing
+from . import _varlen
 from . import _checks
 from ._device import on_ascend
 
-__all__ = ["nsa_select_attention"]
+__all__ = ["nsa_select_attention", "check_nsa_select_attention"]
 
 _OP = "nsa_select_attention"
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -103,7 +103,7 @@ def nsa_select_attention(query, key, value, topk_indices, scale_value, head_num,
     for name, arg in (("query", query), ("key", key), ("value", value), ("topk_indices", topk_indices)):
         _checks.tensor(_OP, name, arg)
     _checks.optional_tensor(_OP, "atten_mask", atten_mask)
-    plan = _check_arguments(
+    plan = _checked_arguments(
         query.shape, query.dtype, key.shape, key.dtype, value.shape, value.dtype, topk_indices.shape,
         topk_indices.dtype, scale_value, head_num, select_block_size, select_block_count,
         None if atten_mask is None else (atten_mask.shape, atten_mask.dtype), actual_seq_qlen, actual_seq_kvlen)
@@ -115,11 +115,23 @@ def nsa_select_attention(query, key, value, topk_indices, scale_value, head_num,
                      atten_mask is not None, *plan)
 
 
-@constexpr
-def _check_arguments(q_shape, q_dtype, k_shape, k_dtype, v_shape, v_dtype, idx_shape, idx_dtype, scale, head_num,
-                     block, count, mask_meta, qlen, kvlen):
-    """Every documented constraint on static metadata, before any work (a ``constexpr``: plain
-    Python, also while ``mindspore.jit`` compiles). Returns the per-token host plan."""
+def check_nsa_select_attention(q_shape, q_dtype, k_shape, k_dtype, v_shape, v_dtype, idx_shape, idx_dtype,
+                               scale_value, head_num, select_block_size, select_block_count, atten_mask_meta,
+                               actual_seq_qlen, actual_seq_kvlen):
+    """The documented argument errors of :func:`nsa_select_attention` (after its Tensor checks), on
+    static metadata, without running it: raises what the op would raise (types first).
+
+    Args:
+        q_shape, k_shape, v_shape, idx_shape (tuple[int]) and their dtypes: of query, key, value and
+            topk_indices.
+        atten_mask_meta: ``None`` (no mask) or the mask's ``(shape, dtype)``.
+        The others: as :func:`nsa_select_attention` takes them.
+
+    Returns:
+        ``(qlen, kvlen)``: the prefix sums as tuples of ints.
+    """
+    scale, block, count, mask_meta = scale_value, select_block_size, select_block_count, atten_mask_meta
+    qlen, kvlen = actual_seq_qlen, actual_seq_kvlen
     _checks.half_dtype(_OP, "query", q_dtype)
     if idx_dtype != ms.int32:
         raise TypeError(f"{_OP}: the dtype of 'topk_indices' must be int32, but got {idx_dtype}.")
@@ -128,8 +140,8 @@ def _check_arguments(q_shape, q_dtype, k_shape, k_dtype, v_shape, v_dtype, idx_s
     _checks.real(_OP, "scale_value", scale)
     for name, val in (("head_num", head_num), ("select_block_size", block), ("select_block_count", count)):
         _checks.integer(_OP, name, val)
-    qlen = packing.as_int_tuple(qlen, "actual_seq_qlen", _OP)
-    kvlen = packing.as_int_tuple(kvlen, "actual_seq_kvlen", _OP)
+    qlen = _varlen.as_int_tuple(qlen, "actual_seq_qlen", _OP)
+    kvlen = _varlen.as_int_tuple(kvlen, "actual_seq_kvlen", _OP)
     for name, shape in (("query", q_shape), ("key", k_shape), ("value", v_shape)):
         _checks.rank(_OP, name, shape, 3, ValueError)
 
@@ -157,21 +169,29 @@ def _check_arguments(q_shape, q_dtype, k_shape, k_dtype, v_shape, v_dtype, idx_s
                   f"but got {tuple(idx_shape)}.")
     if mask_meta is not None and len(mask_meta[0]) != 2:
         raise bad(f"{_OP}: 'atten_mask' must be 2-D, but got shape {tuple(mask_meta[0])}.")
-    packing.check_prefix_sums(qlen, t1, "actual_seq_qlen", _OP, bad, positive=False)
-    packing.check_prefix_sums(kvlen, t2, "actual_seq_kvlen", _OP, bad, positive=False)
+    _varlen.check_prefix_sums(qlen, t1, "actual_seq_qlen", _OP, bad, positive=False)
+    _varlen.check_prefix_sums(kvlen, t2, "actual_seq_kvlen", _OP, bad, positive=False)
     if len(qlen) != len(kvlen) or len(qlen) > MAX_BATCHES:
         raise bad(f"{_OP}: 'actual_seq_qlen' and 'actual_seq_kvlen' must describe the same number of batches "
                   f"(at most {MAX_BATCHES}), but got {len(qlen)} and {len(kvlen)}.")
-    return (_token_plan(qlen, kvlen, block),)
+    return qlen, kvlen
+
+
+@constexpr
+def _checked_arguments(*args):
+    """:func:`check_nsa_select_attention` as a constexpr (so it also runs while ``mindspore.jit``
+    compiles); returns the fallback's per-token host plan, as a 1-tuple."""
+    qlen, kvlen = check_nsa_select_attention(*args)
+    return (_token_plan(qlen, kvlen, args[10]),)
 
 
 @functools.lru_cache(maxsize=256)
 def _token_plan(qlen, kvlen, block):
     """Per query token ``(T1, 4)`` int32: KV start row, KV length, blocks in the KV segment, local index."""
-    batch = packing.token_segment_ids(qlen)
-    kv_start = packing.segment_starts(kvlen)[batch]
-    kv_len = packing.segment_lengths(kvlen)[batch]
-    plan = np.stack([kv_start, kv_len, -(-kv_len // block), packing.token_positions(qlen)], axis=1)
+    batch = _varlen.token_segment_ids(qlen)
+    kv_start = _varlen.segment_starts(kvlen)[batch]
+    kv_len = _varlen.segment_lengths(kvlen)[batch]
+    plan = np.stack([kv_start, kv_len, -(-kv_len // block), _varlen.token_positions(qlen)], axis=1)
     return Tensor(plan.astype(np.int32))
 
 

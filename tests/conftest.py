@@ -1,72 +1,35 @@
-"""Shared test set-up: execution modes, hypothesis profile, random data helpers."""
+"""Test set-up: CPU and PyNative by default, the two tiers, the hypothesis budget, the ``mode`` fixture.
+
+Tiers: ``make test`` runs ``pytest -m "not slow"`` (the fast tier: every module, a smaller hypothesis
+budget); ``make test-all`` runs everything, ``slow`` tests included. ``NSA_HYPOTHESIS_EXAMPLES``
+overrides the number of random examples per hypothesis test in either tier.
+"""
 
 import os
 
-import numpy as np
 import pytest
 import mindspore as ms
 from hypothesis import HealthCheck, settings
 
 ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
 
-settings.register_profile(
-    "nsa", deadline=None, max_examples=int(os.environ.get("NSA_HYPOTHESIS_EXAMPLES", "20")),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=True)
-settings.load_profile("nsa")
-
-MODES = ("pynative", "graph")
+_PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                print_blob=True)
+settings.register_profile("full", max_examples=20, **_PROFILE)
+settings.register_profile("fast", max_examples=5, **_PROFILE)
 
 
-@pytest.fixture(params=MODES)
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long sweeps and end-to-end runs; only in `make test-all`")
+    budget = os.environ.get("NSA_HYPOTHESIS_EXAMPLES")
+    if budget:
+        settings.register_profile("env", max_examples=int(budget), **_PROFILE)
+        settings.load_profile("env")
+    else:
+        settings.load_profile("fast" if "not slow" in (config.getoption("markexpr") or "") else "full")
+
+
+@pytest.fixture(params=("pynative", "graph"))
 def mode(request):
     """Run each test twice: eagerly (PyNative) and compiled with ``mindspore.jit`` (graph mode)."""
     return request.param
-
-
-def run(mode, fn, *args):
-    """Call ``fn(*args)`` eagerly, or compiled by ``mindspore.jit`` when ``mode == "graph"``."""
-    return ms.jit(fn)(*args) if mode == "graph" else fn(*args)
-
-
-def grads(mode, loss, positions, *args):
-    """Gradients of scalar ``loss`` with respect to the arguments at ``positions``."""
-    return run(mode, ms.grad(loss, grad_position=positions), *args)
-
-
-def random_normal(rng, shape, scale=1.0):
-    """Random normal float32 data (never zeros)."""
-    return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-
-MS_DTYPES = {"float16": ms.float16, "bfloat16": ms.bfloat16, "float32": ms.float32}
-
-
-def to_ms(array, dtype_name):
-    """NumPy float array -> MindSpore tensor of the named dtype."""
-    return ms.Tensor(np.asarray(array, np.float32)).astype(MS_DTYPES[dtype_name])
-
-
-def to_np(tensor):
-    """MindSpore tensor (any float dtype) -> float64 NumPy array."""
-    return tensor.astype(ms.float32).asnumpy().astype(np.float64)
-
-
-# One rounding of float32 results to the output dtype: the unit roundoff of each dtype.
-UNIT_ROUNDOFF = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -24}
-
-
-def assert_rounded_close(actual, expected, dtype_name, slack=2.0, floor=1e-6):
-    """``|actual - expected| <= slack * u * |expected| + floor * max|expected|`` elementwise, where
-    ``u`` is the unit roundoff of ``dtype_name``: what float32 accumulation plus one final rounding
-    allows (``slack`` covers the float32 part)."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    if expected.size == 0:
-        return
-    scale = np.abs(expected).max()
-    bound = slack * UNIT_ROUNDOFF[dtype_name] * np.abs(expected) + floor * scale + 1e-30
-    err = np.abs(actual - expected)
-    worst = np.unravel_index(np.argmax(err / bound), err.shape)
-    assert np.all(err <= bound), (
-        f"max error {err[worst]:.3g} at {worst} > bound {bound[worst]:.3g} (expected {expected[worst]:.6g})")

@@ -101,7 +101,7 @@ class _NSAHostAttention:
         """
         details = self.core_attention.forward_with_details(
             *self._core_inputs(hidden_states, rotary_pos_emb, actual_seq_len))
-        return details[4], details[5]
+        return details["blocks"], details["valid"]
 
     def _core_inputs(self, hidden_states, rotary_pos_emb, actual_seq_len):
         seq_len, bs, _ = self.shape(hidden_states)
@@ -137,7 +137,7 @@ class _NSAHostAttention:
     @staticmethod
     def _segment_ends(actual_seq_len, seq_len, bs):
         """Prefix sums over the ``B*S`` tokens: the fed ones plus every row end (order is irrelevant to
-        ``packing.layout_tensors``), so that documents stay inside their rows whatever is fed."""
+        ``layout.prefix_sums_tensor``), so that documents stay inside their rows whatever is fed."""
         row_ends = ops.arange(1, bs + 1, dtype=ms.int32) * seq_len
         if actual_seq_len is None:
             return row_ends

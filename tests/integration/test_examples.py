@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.mark.parametrize("extra", [[], ["--graph", "--docs", "40", "3", "70"]])
@@ -17,6 +17,7 @@ def test_compress_packed_batch_example(extra, tmp_path):
     assert "window starts none" in result.stdout and result.stdout.rstrip().endswith("done")
 
 
+@pytest.mark.slow
 def test_finetune_nsa_example_shortened(tmp_path):
     """`make demo`'s script end to end, shortened: trains, saves, reloads (same loss), draws the PNG."""
     from PIL import Image

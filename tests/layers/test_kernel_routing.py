@@ -10,14 +10,13 @@ empty selection slots, and that the result is the layer's exact NSA.
 import numpy as np
 import pytest
 
-import nsa_layers.attention as attention_module
 import nsa_layers.compressor as compressor_module
 from nsa_layers import NSAConfig, kernel_routing
 from nsa_layers.kernel_routing import COMPOSITE, KERNEL, plan_kernel_route
 from nsa_layers.ops.compress_attention import kernel_importance_weights
 from nsa_layers.selection import overlap_weights
 
-from nsa_cases import BRANCHES, Case, as_numpy, assert_selection_equivalent
+from helpers.nsa_cases import BRANCHES, Case, as_numpy, assert_selection_equivalent
 
 PAPER = dict(hidden_size=64, num_heads=2, num_kv_heads=1, head_dim=16, v_head_dim=16, window_size=64,
              query_chunk_size=512)
@@ -98,8 +97,8 @@ def _routed(monkeypatch, calls):
     """Tell the layer it is on Ascend; count the ``nsa_layers.ops`` calls (which run their fallbacks)."""
     monkeypatch.setattr(kernel_routing, "on_ascend", lambda: True)
     kernel_routing.route_for.cache_clear()
-    for module, name in ((compressor_module, "nsa_compress"), (attention_module, "nsa_compress_attention"),
-                         (attention_module, "nsa_select_attention")):
+    for module, name in ((compressor_module, "nsa_compress"), (kernel_routing, "nsa_compress_attention"),
+                         (kernel_routing, "nsa_select_attention")):
         original = getattr(module, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):
@@ -126,7 +125,7 @@ def test_kernel_route_gives_the_exact_nsa(monkeypatch, routed_case):
     _routed(monkeypatch, calls)
     assert set(case.net.branch_paths(2112, LONG)[0].values()) == {KERNEL, COMPOSITE}
     q, k, v, gates = case.tensors()
-    routed = as_numpy(*case.net.forward_with_details(q, k, v, gates, LONG))
+    routed = as_numpy(case.net.forward_with_details(q, k, v, gates, LONG))
     assert sorted(calls) == ["nsa_compress", "nsa_compress", "nsa_compress_attention", "nsa_select_attention"]
     out, branches, selected = routed
     # the same selection on both paths, up to near-ties (blocks of equal float64 importance within the

@@ -8,9 +8,9 @@ from mindspore import Tensor
 from nsa_layers import NSASelfAttention, RotaryEmbedding
 from nsa_layers import packing
 
-import nsa_reference as nref
-from conftest import random_normal, run
-from nsa_cases import small_config
+from helpers import nsa_reference as nref
+from helpers.common import random_normal, run
+from helpers.nsa_cases import small_config
 
 
 def _layer(seed=0, **changes):
@@ -104,7 +104,8 @@ def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(mode):
                                               Tensor(np.zeros((0, cfg.num_kv_heads, cfg.head_dim), np.float32)),
                                               Tensor(np.zeros((0, cfg.num_kv_heads, cfg.v_head_dim), np.float32)),
                                               Tensor(np.zeros((0, cfg.num_heads, 3), np.float32)))
-    assert [d.shape for d in details] == [(0, cfg.num_heads, cfg.v_head_dim)] * 4 + [
+    assert [details[name].shape for name in ("out", "o_cmp", "o_slc", "o_win", "blocks", "valid")] == [
+        (0, cfg.num_heads, cfg.v_head_dim)] * 4 + [
         (0, cfg.num_kv_heads, cfg.select_block_count)] * 2
     rotated = layer.rotary(Tensor(np.zeros((0, cfg.num_heads, cfg.head_dim), np.float32)),
                            Tensor(np.zeros((0,), np.int32)))

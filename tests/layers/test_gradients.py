@@ -9,9 +9,9 @@ from mindspore import Tensor
 
 from nsa_layers.attention_math import MaskedAttention, attention_forward, visibility_bias
 
-from conftest import random_normal
-from nsa_cases import BRANCHES, Case, small_config
-import nsa_reference as nref
+from helpers.common import random_normal
+from helpers.nsa_cases import BRANCHES, Case, small_config
+from helpers import nsa_reference as nref
 
 
 @pytest.mark.parametrize("shared_bias,dim_v", [(True, 6), (False, 6), (False, 20)])
@@ -61,7 +61,7 @@ def test_masked_attention_backward_matches_autodiff_and_numpy(shared_bias, dim_v
 
 
 @pytest.mark.parametrize("dense_rows,mode", [(0, "pynative"), (0, "graph"), (10 ** 6, "pynative"),
-                                             (10 ** 6, "graph")])
+                                             pytest.param(10 ** 6, "graph", marks=pytest.mark.slow)])
 def test_layer_gradients_match_reference_directional_derivatives(dense_rows, mode):
     """For each input (q, the keys and values of each branch, the gates): ``<grad, u>`` of
     ``sum(out * target)`` equals the central difference of the float64 reference along a random ``u``

@@ -1,20 +1,21 @@
-"""nsa_layers.packing: host-side bookkeeping against explicit loops; normalisation; tensor versions."""
+"""nsa_layers.packing (host) and nsa_layers.layout (graph): bookkeeping against explicit loops;
+normalisation; the tensor versions against the host ones."""
 
 import numpy as np
 import pytest
 import mindspore as ms
 from hypothesis import given, strategies as st
 
-from nsa_layers import packing
+from nsa_layers import NSAConfig, layout, packing
+from nsa_layers.ops import _varlen
 
-import reference as ref
-from conftest import run
-from strategies import prefix_sums, segment_lengths
+from helpers import reference as ref
+from helpers.common import run
+from helpers.strategies import prefix_sums, segment_lengths
 
 
-@given(segment_lengths(max_segments=6, max_len=90), st.sampled_from([(16, 16), (32, 16), (48, 16), (64, 32)]),
-       st.sampled_from([32, 64]))
-def test_host_bookkeeping_matches_explicit_loops(lengths, block_stride, select_block):
+@given(segment_lengths(max_segments=6, max_len=90), st.sampled_from([(16, 16), (32, 16), (48, 16), (64, 32)]))
+def test_host_bookkeeping_matches_explicit_loops(lengths, block_stride):
     block, stride = block_stride
     prefix = prefix_sums(lengths)
     segs = ref.segments(prefix)
@@ -24,9 +25,6 @@ def test_host_bookkeeping_matches_explicit_loops(lengths, block_stride, select_b
     assert packing.window_starts(prefix, block, stride).tolist() == windows
     counts = [len(range(s, e - block + 1, stride)) for s, e in segs]
     assert packing.compressed_lengths(prefix, block, stride).tolist() == counts
-    assert packing.compressed_prefix_sums(prefix, block, stride) == tuple(np.cumsum(counts).tolist())
-    assert packing.selection_block_counts(prefix, select_block).tolist() == [
-        len(range(s, e, select_block)) for s, e in segs]
     ids = [b for b, (s, e) in enumerate(segs) for _ in range(s, e)]
     pos = [t - s for s, e in segs for t in range(s, e)]
     assert packing.token_segment_ids(prefix).tolist() == ids
@@ -59,13 +57,13 @@ def test_normalize_prefix_sums_errors(given_ends, total, words):
 
 def test_strict_checks_name_the_rule():
     with pytest.raises(RuntimeError, match="'seq' must be non-decreasing"):
-        packing.check_prefix_sums((4, 2), 4, "seq", "op")
+        _varlen.check_prefix_sums((4, 2), 4, "seq", "op")
     with pytest.raises(ValueError, match="must be at most T=3"):
-        packing.check_prefix_sums((0, 4), 3, "seq", "op", ValueError, positive=False, last="at_most")
-    assert packing.check_prefix_sums((0, 3), 3, "seq", "op", positive=False) == (0, 3)
+        _varlen.check_prefix_sums((0, 4), 3, "seq", "op", ValueError, positive=False, last="at_most")
+    assert _varlen.check_prefix_sums((0, 3), 3, "seq", "op", positive=False) == (0, 3)
     with pytest.raises(TypeError, match="'seq' must be a tuple or list of int"):
-        packing.as_int_tuple((1, True), "seq", "op")
-    assert packing.as_int_tuple([np.int64(2), 5], "seq", "op") == (2, 5)
+        _varlen.as_int_tuple((1, True), "seq", "op")
+    assert _varlen.as_int_tuple([np.int64(2), 5], "seq", "op") == (2, 5)
 
 
 @pytest.mark.parametrize("raw", [
@@ -78,8 +76,10 @@ def test_tensor_versions_match_host_versions(mode, raw):
     ends = ms.Tensor(np.array(raw, np.int32))
     prefix = packing.normalize_prefix_sums(raw, total)
 
+    cfg = NSAConfig(hidden_size=8, num_heads=1, num_kv_heads=1, head_dim=8, v_head_dim=8)
+
     def fn(e):
-        return packing.segment_ids_tensor(e, total), packing.positions_tensor(e, total)
+        return layout.packed_layout(e, total, cfg)["segment"], layout.positions_tensor(e, total)
 
     seg, pos = run(mode, fn, ends)
     seg, pos = seg.asnumpy(), pos.asnumpy()
@@ -93,29 +93,35 @@ def test_tensor_versions_match_host_versions(mode, raw):
 def test_layout_of_no_tokens_is_empty(mode):
     """T = 0: four empty int32 tensors (MindSpore's max and min reject empty inputs)."""
     def fn(ends):
-        return packing.layout_tensors(ends, 0)
+        return layout._token_layout(ends, 0)  # pylint: disable=protected-access
 
-    layout = run(mode, fn, ms.Tensor(np.array([0], np.int32)))
-    assert [(x.shape, x.dtype) for x in layout] == [((0,), ms.int32)] * 4
+    tokens = run(mode, fn, ms.Tensor(np.array([0], np.int32)))
+    assert [(x.shape, x.dtype) for x in tokens] == [((0,), ms.int32)] * 4
 
 
 @given(segment_lengths(max_segments=6, max_len=90), st.sampled_from([(16, 16), (32, 16), (48, 16), (64, 32)]))
 def test_windows_ended_are_consecutive_slots_from_the_first(lengths, block_stride):
     """The windows a token sees (its segment's, ended at it: ``i*d + l - 1 <= t``) are the slots
-    ``first_slot .. first_slot + windows_ended - 1`` of the row-ordered layout, as the compressed
-    branch reads them; checked against explicit loops over the segments."""
+    ``first_window .. first_window + windows_ended - 1`` of the row-ordered layout, as the compressed
+    branch reads them, and its segment's selection blocks are the block slots from ``first_block``;
+    checked against explicit loops over the segments."""
     block, stride = block_stride
     prefix = prefix_sums(lengths)
     total = prefix[-1]
-    ends = ms.Tensor(np.array(prefix, np.int32))
-    _, position, start, length = packing.layout_tensors(ends, total)
-    slots = packing.max_windows(total, len(prefix), block, stride)
-    rows, valid, is_start = packing.window_slots_tensor(position, length, block, stride, slots)
-    first = packing.first_slot_tensor(is_start, start).asnumpy()
-    ended = packing.windows_ended_tensor(position, block, stride).asnumpy()
-    rows, valid = rows.asnumpy(), valid.asnumpy()
+    cfg = NSAConfig(hidden_size=8, num_heads=1, num_kv_heads=1, head_dim=8, v_head_dim=8, compress_block_size=block,
+                    compress_stride=stride, select_block_size=max(64, block))
+    record = layout.packed_layout(ms.Tensor(np.array(prefix, np.int32)), total, cfg)
+    first = record["first_window"].asnumpy()
+    ended = record["windows_ended"].asnumpy()
+    rows = record["window_starts"].asnumpy()
+    first_block, block_rows = record["first_block"].asnumpy(), record["block_starts"].asnumpy()
+    windows = sum(len(range(s, e - block + 1, stride)) for s, e in ref.segments(prefix))
+    blocks = sum(len(range(s, e, cfg.select_block_size)) for s, e in ref.segments(prefix))
     for s, e in ref.segments(prefix):
         for t in range(s, e):
             expected = [w for w in range(s, e - block + 1, stride) if w + block - 1 <= t]
             seen = slice(first[t], first[t] + ended[t])
-            assert rows[seen].tolist() == expected and valid[seen].all(), (t, s, e)
+            assert rows[seen].tolist() == expected and seen.stop <= windows, (t, s, e)  # real windows come first
+            own = list(range(s, e, cfg.select_block_size))
+            assert block_rows[first_block[t]:first_block[t] + len(own)].tolist() == own, (t, s, e)
+            assert first_block[t] + len(own) <= blocks

@@ -9,7 +9,7 @@ from nsa_layers import BlockSelector, NSAConfig
 from nsa_layers.ops.compress_attention import kernel_importance_weights
 from nsa_layers.selection import overlap_weights
 
-from nsa_cases import small_config
+from helpers.nsa_cases import small_config
 
 
 def _paper(**changes):

@@ -7,9 +7,9 @@ from hypothesis import given, strategies as st
 
 from nsa_layers.ops import nsa_select_attention
 
-import reference as ref
-from conftest import UNIT_ROUNDOFF, grads, random_normal, run, to_ms, to_np
-from strategies import prefix_sums
+from helpers import reference as ref
+from helpers.common import UNIT_ROUNDOFF, grads, random_normal, run, to_ms, to_np
+from helpers.strategies import prefix_sums
 
 BLOCK, COUNT = 64, 16  # the only supported values
 

@@ -7,9 +7,9 @@ from mindspore import Tensor, ops
 from hypothesis import given, strategies as st
 
 from nsa_layers.attention_math import RowSoftmax
-from nsa_layers.selected_attention import RowPermutation, block_grouped_slots, tile_pairs
+from nsa_layers.selected_attention import RowPermutation, block_grouped_slots, selected_tile_plan, tile_pairs
 
-from conftest import grads, random_normal, run
+from helpers.common import grads, random_normal, run
 
 
 @st.composite
@@ -112,3 +112,67 @@ def test_row_softmax_gradient_matches_autodiff_softmax(mode):
     p /= p.sum(-1, keepdims=True)
     c = cot.asnumpy().astype(np.float64)
     np.testing.assert_allclose(got.asnumpy(), p * (c - (p * c).sum(-1, keepdims=True)), rtol=1e-5, atol=1e-6)
+
+
+def _numpy_tile_plan(blocks, valid, first_block, position, num_blocks, blocks_per_head, group, tile, block_size):
+    """``selected_tile_plan`` written out with loops over the (query, slot) pairs: pairs grouped by
+    (KV head, block), in pair order inside a group, each group in whole tiles of ``tile`` pairs."""
+    kv_heads, rows, count = blocks.shape
+    pairs = kv_heads * rows * count
+    groups = np.zeros(pairs, np.int64)
+    for h in range(kv_heads):
+        for c in range(rows):
+            for s in range(count):
+                groups[(h * rows + c) * count + s] = h * num_blocks + min(first_block[c] + blocks[h, c, s],
+                                                                          num_blocks - 1)
+    capacity = -(-pairs // tile) + min(kv_heads * num_blocks, pairs)
+    slot = np.zeros(pairs, np.int64)
+    pair_of_slot = np.full(capacity * tile, pairs)
+    tile_group = np.zeros(capacity, np.int64)
+    used = 0
+    for g in range(kv_heads * num_blocks):
+        members = [p for p in range(pairs) if groups[p] == g]
+        for i, p in enumerate(members):
+            slot[p] = used * tile + i
+            pair_of_slot[slot[p]] = p
+        tile_group[used:used - (-len(members) // tile)] = g
+        used -= -len(members) // tile
+    tiles_from_softmax = np.full(capacity * tile * group, pairs * group)
+    softmax_from_tiles = np.zeros(pairs * group, np.int64)
+    tiles_from_slots = np.full(capacity * tile, pairs)
+    slots_from_tiles = np.zeros(pairs, np.int64)
+    key_bias = np.zeros(pairs, np.int64)
+    for p in range(pairs):
+        h, c, s = p // (rows * count), p // count % rows, p % count
+        for g in range(group):
+            tiles_from_softmax[slot[p] * group + g] = ((h * rows + c) * group + g) * count + s
+            softmax_from_tiles[((h * rows + c) * group + g) * count + s] = slot[p] * group + g
+        tiles_from_slots[slot[p]] = s * kv_heads * rows + h * rows + c
+        slots_from_tiles[s * kv_heads * rows + h * rows + c] = slot[p]
+        last = min(position[c] - blocks[h, c, s] * block_size, block_size - 1) if valid[h, c, s] else -1
+        key_bias[p] = last + 1
+    return {"tile_blocks": tile_group // num_blocks * blocks_per_head + tile_group % num_blocks,
+            "tile_queries": pair_of_slot // count, "softmax_from_tiles": softmax_from_tiles,
+            "tiles_from_softmax": tiles_from_softmax, "slots_from_tiles": slots_from_tiles,
+            "tiles_from_slots": tiles_from_slots, "key_bias": key_bias}
+
+
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 5), st.integers(1, 4), st.integers(1, 6),
+       st.integers(0, 2 ** 31))
+def test_selected_tile_plan_matches_a_numpy_loop(kv_heads, rows, count, group, num_blocks, seed):
+    """Every index of the plan, against loops over the pairs (blocks beyond the chunk's reach are
+    clipped to its last block; empty slots see no key)."""
+    rng = np.random.default_rng(seed)
+    block_size, tile = 4, int(rng.integers(1, 5))
+    blocks = rng.integers(0, num_blocks + 2, (kv_heads, rows, count)).astype(np.int32)
+    valid = rng.random((kv_heads, rows, count)) < 0.7
+    first_block = rng.integers(0, num_blocks, rows).astype(np.int32)
+    position = rng.integers(0, num_blocks * block_size, rows).astype(np.int32)
+    blocks_per_head = num_blocks + int(rng.integers(0, 3))
+    plan = selected_tile_plan(Tensor(blocks), Tensor(valid), Tensor(first_block), Tensor(position), num_blocks,
+                              blocks_per_head, group, tile, block_size)
+    expected = _numpy_tile_plan(blocks, valid, first_block, position, num_blocks, blocks_per_head, group, tile,
+                                block_size)
+    assert set(plan) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(plan[name].asnumpy(), value, err_msg=name)

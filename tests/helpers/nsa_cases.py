@@ -6,8 +6,8 @@ from mindspore import Tensor
 
 from nsa_layers import NativeSparseAttention, NSAConfig
 
-import nsa_reference as nref
-from conftest import random_normal
+from . import nsa_reference as nref
+from .common import random_normal
 
 BRANCHES = ("cmp", "slc", "win")
 
@@ -61,17 +61,17 @@ class Case:
     def run(self, prefix=None, **inputs):
         """``(out, {branch: output}, {(row, kv_head): [blocks]})`` of the core, as float64 NumPy."""
         q, k, v, gates = self.tensors(**inputs)
-        out, o_cmp, o_slc, o_win, blocks, valid = self.net.forward_with_details(
-            q, k, v, gates, self.prefix if prefix is None else prefix)
-        return as_numpy(out, o_cmp, o_slc, o_win, blocks, valid)
+        return as_numpy(self.net.forward_with_details(q, k, v, gates, self.prefix if prefix is None else prefix))
 
     def reference(self, selected=None):
         return nref.nsa_forward(self.q, self.kv, self.gates, self.prefix, vars(self.cfg), self.weights,
                                 self.cfg.scale, selected_override=selected)
 
 
-def as_numpy(out, o_cmp, o_slc, o_win, blocks, valid):
-    blocks, valid = blocks.asnumpy(), valid.asnumpy()
+def as_numpy(details):
+    """An ``NSADetails`` -> ``(out, {branch: output}, {(row, kv_head): [blocks]})`` as float64 NumPy."""
+    out, blocks, valid = details["out"], details["blocks"].asnumpy(), details["valid"].asnumpy()
+    o_cmp, o_slc, o_win = details["o_cmp"], details["o_slc"], details["o_win"]
     selected = {(t, h): [int(b) for b, ok in zip(blocks[t, h], valid[t, h]) if ok]
                 for t in range(blocks.shape[0]) for h in range(blocks.shape[1])}
     branches = {name: o.asnumpy().astype(np.float64) for name, o in zip(BRANCHES, (o_cmp, o_slc, o_win))}

@@ -8,9 +8,9 @@ from hypothesis import given, strategies as st
 from nsa_layers.ops import nsa_compress
 from nsa_layers.ops.compress import compress_windows
 
-import reference as ref
-from conftest import assert_rounded_close, grads, random_normal, run, to_ms, to_np
-from strategies import prefix_sums, segment_lengths
+from helpers import reference as ref
+from helpers.common import assert_rounded_close, grads, random_normal, run, to_ms, to_np
+from helpers.strategies import prefix_sums, segment_lengths
 
 
 def _compress(block, stride, prefix):

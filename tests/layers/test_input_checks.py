@@ -7,7 +7,7 @@ import mindspore as ms
 
 from nsa_layers import NativeSparseAttention, NSAConfig, NSASelfAttention
 
-from conftest import run
+from helpers.common import run
 
 CFG = NSAConfig(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=8, window_size=32,
                 compress_block_size=8, compress_stride=4, select_block_size=16, select_block_count=4)
@@ -84,6 +84,7 @@ def test_self_attention_rejects_bad_inputs(mode, hidden, positions, error, words
     assert "NSASelfAttention" in message and all(w in message for w in words), message
 
 
+@pytest.mark.parametrize("mode", ["pynative", pytest.param("graph", marks=pytest.mark.slow)])
 def test_valid_inputs_pass_the_checks(mode):
     core = NativeSparseAttention(CFG)
     inputs = _core_inputs()

@@ -14,7 +14,7 @@ from mindspore.ops import auto_generate
 import nsa_layers.ops._device as device
 from nsa_layers.ops import nsa_compress, nsa_compress_attention, nsa_select_attention
 
-from conftest import random_normal, to_ms
+from helpers.common import random_normal, to_ms
 
 PRIMITIVES = {"nsa_compress": "NsaCompress", "nsa_compress_attention": "NsaCompressAttention",
               "nsa_select_attention": "NsaSelectAttention"}

@@ -8,9 +8,9 @@ from hypothesis import given, strategies as st
 from nsa_layers.ops import nsa_compress_attention
 from nsa_layers.ops.compress_attention import kernel_importance_weights
 
-import reference as ref
-from conftest import UNIT_ROUNDOFF, grads, random_normal, run, to_ms, to_np
-from strategies import prefix_sums
+from helpers import reference as ref
+from helpers.common import UNIT_ROUNDOFF, grads, random_normal, run, to_ms, to_np
+from helpers.strategies import prefix_sums
 
 FLT_MAX = ref.FLT_MAX
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_attention.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_attention.py"
 
 
+@pytest.mark.slow
 def test_bench_attention_runs_every_implementation_with_its_options(tmp_path):
     # chunk 256 and select_dense_rows 256 at T = 512: the NSA run takes both selected-branch
     # formulations (block-masked first chunk, gathered second one)
@@ -30,6 +31,7 @@ def test_bench_attention_runs_every_implementation_with_its_options(tmp_path):
         assert float(cell) > 0, rows[0]
 
 
+@pytest.mark.slow
 def test_bench_attention_profile_prints_where_the_op_time_went(tmp_path):
     # the gathered selected branch runs (select_dense_rows 0), so its gather and segment sum must show up
     result = subprocess.run([sys.executable, str(BENCH), "--profile", "nsa", "512", "packed", "--steps", "1",
@@ -78,6 +80,7 @@ def test_full_mask_estimate_extends_the_partial_runs_linearly(monkeypatch):
     assert bench.estimate_full_mask(16384, "one", ["--steps", "1"]) is None
 
 
+@pytest.mark.slow
 def test_partial_full_mask_run_attends_only_the_first_query_chunks(tmp_path):
     result = subprocess.run([sys.executable, str(BENCH), "--one", "dense", "2048", "packed", "--steps", "1",
                              "--query-chunks", "1"],

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import mindspore as ms
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_YAML = ROOT / "configs" / "nsa_qwen3_tiny_cpu.yaml"
 LARGE_YAML = ROOT / "configs" / "nsa_qwen3_1_7b_32k.yaml"
 

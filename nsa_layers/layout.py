@@ -1,0 +1,172 @@
+"""Packed variable-length batches, graph side: the per-token layout as tensors, built once per forward.
+
+The NSA core never branches on the layout in Python: every segment rule is data in the tensors of
+one record, :class:`PackedLayout`, computed with static-shape MindSpore ops from the prefix sums,
+so the same graph serves every layout of ``T`` tokens (MindFormers feeds prefix sums as graph data).
+Terms, used with one meaning throughout the layers:
+
+- *position*: a token's index inside its segment (0 at the segment's first token);
+- *window slots*: the compressed windows (``l`` tokens every ``d`` inside a segment) in row order,
+  padded to a static count ``S`` (:func:`nsa_layers.packing.max_windows`); ``window_starts`` are
+  their first rows;
+- *block slots*: the selection blocks (``l'`` tokens from each segment's first token), block-major
+  in row order, padded to a static count ``B``; ``block_starts`` are their first rows;
+- *query chunks*: the ``(c0, c1)`` row ranges of ``query_chunk_size`` queries processed together.
+
+The host-side counterparts, on prefix sums as Python values, are in :mod:`nsa_layers.packing`.
+"""
+
+from typing import TypedDict
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+from mindspore.ops import constexpr
+
+from .attention_math import column_tiled, row_tiled
+from .packing import max_windows, normalize_prefix_sums
+
+__all__ = ["PackedLayout", "packed_layout", "prefix_sums_tensor", "positions_tensor", "window_rows_tensor"]
+
+
+class PackedLayout(TypedDict):
+    """The bookkeeping of one packed batch of ``T`` tokens for an NSA layer (a ``dict``: MindSpore 2.9's
+    graph mode runs a ``NamedTuple`` through its Python fallback, which stops gradients).
+
+    Tensors (int32 unless noted):
+        segment: ``(T,)`` segment id of each token (two tokens share an id iff they share a segment).
+        position: ``(T,)`` in-segment position.
+        window_starts: ``(S,)`` first row of each window slot (0 for unused slots, which come last).
+        first_window: ``(T,)`` window slot of the first window of each token's segment.
+        windows_ended: ``(T,)`` windows of its segment that have ended at each token
+            (``i*d + l - 1 <= t``); they are the slots ``first_window .. first_window + windows_ended - 1``.
+        block_starts: ``(B,)`` first row of each block slot.
+        first_block: ``(T,)`` block slot of the first block of each token's segment.
+
+    Static (Python ints):
+        chunks: ``((c0, c1), ...)`` the query chunks.
+        window_reach: per chunk, the window slots its queries can read (those starting before ``c1``).
+        block_reach: per chunk, the block slots its queries can read.
+    """
+
+    segment: Tensor
+    position: Tensor
+    window_starts: Tensor
+    first_window: Tensor
+    windows_ended: Tensor
+    block_starts: Tensor
+    first_block: Tensor
+    chunks: tuple
+    window_reach: tuple
+    block_reach: tuple
+
+
+def packed_layout(actual_seq_len, total, config):
+    """The :class:`PackedLayout` of ``total >= 1`` tokens for an NSA layer of ``config`` (``NSAConfig``).
+
+    Args:
+        actual_seq_len: prefix sums as the layers take them (see :func:`prefix_sums_tensor`).
+        total (int): ``T``, static.
+        config (NSAConfig): gives ``l``, ``d``, ``l'`` and the query chunk size.
+    """
+    ends = prefix_sums_tensor(actual_seq_len, total)
+    num_ends = ends.shape[0]
+    block, stride, select = config.compress_block_size, config.compress_stride, config.select_block_size
+    segment, position, start, length = _token_layout(ends, total)
+    window_slots = max_windows(total, num_ends, block, stride)
+    window_starts, window_start_here = _slots_tensor(position, length, block, stride, window_slots)
+    block_slots = max_windows(total, num_ends, 1, select)
+    block_starts, block_start_here = _slots_tensor(position, length, 1, select, block_slots)
+    size = config.query_chunk_size
+    chunks = tuple((c0, min(total, c0 + size)) for c0 in range(0, total, size))
+    return {
+        "segment": segment,
+        "position": position,
+        "window_starts": window_starts,
+        "first_window": _first_slot_tensor(window_start_here, start),
+        "windows_ended": ops.maximum(position - (block - 1 - stride), 0) // stride,
+        "block_starts": block_starts,
+        "first_block": _first_slot_tensor(block_start_here, start),
+        "chunks": chunks,
+        # slots are in row order, so the ones starting before row c1 are the first ones
+        "window_reach": tuple(min(window_slots, max_windows(c1, num_ends, block, stride)) for _, c1 in chunks),
+        "block_reach": tuple(min(block_slots, max_windows(c1, num_ends, 1, select)) for _, c1 in chunks),
+    }
+
+
+@constexpr
+def _host_prefix_sums_tensor(actual_seq_len, total):
+    return Tensor(np.asarray(normalize_prefix_sums(actual_seq_len, total), np.int32))
+
+
+def prefix_sums_tensor(actual_seq_len, total):
+    """Prefix sums for the layers as a flat int tensor, in graph mode too.
+
+    ``None`` and Python/NumPy sequences are validated and normalised on the host
+    (``packing.normalize_prefix_sums``, at compile time under ``mindspore.jit``); a ``Tensor`` (data in
+    a compiled graph, as MindFormers feeds it) is flattened and used as it is: the layout tolerates its
+    leading 0, repeated values and padding, and each token's segment is delimited by the nearest ends
+    at or before it and after it (so their order does not matter). Its values are not checked.
+    """
+    if isinstance(actual_seq_len, Tensor):
+        return actual_seq_len.reshape(-1)
+    if actual_seq_len is not None:
+        actual_seq_len = tuple(np.asarray(actual_seq_len).reshape(-1).tolist())
+    return _host_prefix_sums_tensor(actual_seq_len, total)
+
+
+def positions_tensor(actual_seq_len, total):
+    """In-segment position of every token, ``(T,)`` int32, from prefix sums (any form the layers take)."""
+    return _token_layout(prefix_sums_tensor(actual_seq_len, total), total)[1]
+
+
+def _token_layout(ends, total):
+    """Per-token ``(segment, position, start_row, segment_length)``, four ``(T,)`` int32 tensors, from a
+    prefix-sum tensor with values in ``[0, total]`` in any order (see :func:`prefix_sums_tensor`)."""
+    if total == 0:  # no tokens (MindSpore's max and min reject empty inputs)
+        empty = ops.zeros((0,), ms.int32)
+        return empty, empty, empty, empty
+    ends = ends.reshape(1, -1)
+    ends = ends if ends.dtype == ms.int32 else ends.astype(ms.int32)
+    rows = ops.arange(0, total, dtype=ms.int32).reshape(-1, 1)
+    passed = ends <= rows  # (T, E): ends at or before each token
+    segment = passed.astype(ms.int32).sum(axis=1).astype(ms.int32)
+    start = ops.where(passed, ends, ops.zeros_like(ends)).max(axis=1)
+    end = ops.where(passed, ops.full_like(ends, total), ends).min(axis=1)
+    rows = rows.reshape(-1)
+    return segment, rows - start, start, end - start
+
+
+def _slots_tensor(position, length, block, stride, slots):
+    """First rows of the windows of ``block`` tokens every ``stride`` inside each segment, in row order,
+    padded with 0 to ``slots`` entries, and the ``(T,)`` bool "a window starts here"."""
+    total = position.shape[0]
+    if total >= 2 ** 23:
+        raise ValueError(f"packed_layout: T={total} is too large for the float32 sort key.")
+    starts = ops.logical_and(position % stride == 0, position + block <= length)
+    rows = ops.arange(0, total, dtype=ms.int32)
+    key = ops.where(starts, rows, rows + total).astype(ms.float32)  # windows first, in row order
+    if slots > total:
+        key = ops.cat((key, ops.full((slots - total,), 2.0 * total, dtype=ms.float32)))
+    ordered = ops.sort(key)[0][:slots].astype(ms.int32)
+    return ops.where(ordered < total, ordered, ops.zeros_like(ordered)), starts
+
+
+def _first_slot_tensor(start_here, start):
+    """Slot of the first window (or block) of each token's segment: the slots starting at rows before
+    the segment's start row (slots are in row order)."""
+    starts = start_here.astype(ms.int32)
+    return ops.gather(ops.cumsum(starts, 0) - starts, start, 0)
+
+
+def window_rows_tensor(window_starts, width, total):
+    """Rows ``start + j`` for ``j < width`` of every window, ``(S, width)`` int32, clipped to row ``T - 1``.
+
+    Callers mask the clipped rows and the rows past a segment's end (by position), so the clip only
+    keeps gathers in range. (Any run of ``width`` consecutive indices from each start works the same:
+    the selection reads window slots this way.) The sum is of explicitly tiled operands (see
+    ``attention_math``).
+    """
+    rows = window_starts.shape[0]
+    offsets = row_tiled(ops.arange(0, width, dtype=ms.int32), rows)
+    return ops.minimum(column_tiled(window_starts, width) + offsets, total - 1)

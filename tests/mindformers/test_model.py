@@ -1,0 +1,151 @@
+"""The compiled MindFormers model: packed prefix sums reaching NSA (segment isolation, causality),
+the TND layout, training, checkpoints, the CPU train wrapper and the selection probe.
+
+Each compile of the tiny model costs tens of seconds on 2 cores, so the fast tier runs one logits
+graph and one training graph; the other checks are ``slow``.
+"""
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import nn
+
+from helpers.mindformers import build, model_inputs, packed_rows, tiny_config
+
+
+def _logits(net, inputs):
+    net.set_train(False)
+    out = net(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+              actual_seq_len=inputs["actual_seq_len"]).asnumpy()
+    return out.reshape(inputs["input_ids"].shape + (-1,))
+
+
+@pytest.mark.parametrize("independent_kv", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_packed_prefix_sums_reach_the_core_segment_isolation_and_causality(independent_kv):
+    """Row 0 = [A | B], row 1 = [B | A], row 2 = row 0 with B's tail changed. With the prefix sums
+    reaching NSA (and positions restarting), A's logits are the same wherever A sits, and changing
+    later tokens changes nothing before them (up to float32 rounding of the CPU kernels); without them (negative control) A in row 1 sees B."""
+    net = build(tiny_config(nsa_independent_kv=independent_kv))
+    assert hasattr(net.model.decoder.layers[0].self_attention, "linear_kv_branches") == independent_kv
+    rng = np.random.default_rng(1)
+    a, b = 27, 37
+    rows = packed_rows(rng, 64, [[a, b], [b, a], [a, b]])
+    doc_a, doc_b = rows["input_ids"][0, :a].copy(), rows["input_ids"][0, a:].copy()
+    rows["input_ids"][1] = np.concatenate([doc_b, doc_a])
+    rows["input_ids"][2] = np.concatenate([doc_a, doc_b[:20], rng.integers(0, 256, b - 20)])
+    inputs = model_inputs(rows)
+    logits = _logits(net, inputs)
+    assert np.isfinite(logits).all()
+    np.testing.assert_allclose(logits[1, b:], logits[0, :a], rtol=1e-4, atol=1e-4)   # A alone, wherever it is
+    np.testing.assert_allclose(logits[1, :b], logits[0, a:], rtol=1e-4, atol=1e-4)   # B alone, wherever it is
+    np.testing.assert_allclose(logits[2, :a + 20], logits[0, :a + 20], rtol=1e-5, atol=1e-6)  # causality
+    assert not np.allclose(logits[2, a + 20:], logits[0, a + 20:], atol=1e-3)
+    # negative control: one segment per row (prefix sums of the row ends only, same shape: the same
+    # compiled graph): A after B now sees B
+    row_ends = np.repeat(np.arange(1, 4) * 64, inputs["actual_seq_len"].shape[0] // 3).astype(np.int32)
+    control = _logits(net, dict(inputs, actual_seq_len=ms.Tensor(row_ends)))
+    assert not np.allclose(control[1, b:], control[0, :a], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_tnd_layout_gives_the_default_layouts_results():
+    """``use_eod_attn_mask_compression`` (TND, MindFormers needs S >= 2048 for it) and the default layout
+    feed NSA the same prefix sums: same weights, same packed row -> same logits."""
+    overrides = dict(seq_length=2048, max_position_embeddings=2048, nsa_query_chunk_size=1024)
+    default = build(tiny_config(**overrides))
+    tnd = build(tiny_config(use_eod_attn_mask_compression=True, **overrides))
+    assert tnd.get_gpt_transformer_config().input_layout == "TND"
+    assert default.get_gpt_transformer_config().input_layout == "BNSD"
+    ms.load_param_into_net(tnd, {p.name: p for p in default.get_parameters()})
+    inputs = model_inputs(packed_rows(np.random.default_rng(6), 2048, [[300, 700, 1048]]))
+    np.testing.assert_allclose(_logits(tnd, inputs), _logits(default, inputs), rtol=1e-5, atol=1e-6)
+
+
+def _train(net, inputs, steps, lr=3e-3):
+    net.set_train(True)
+    params = net.trainable_params()
+    optimizer = nn.AdamWeightDecay(params, learning_rate=lr)
+
+    def loss_fn(input_ids, labels, loss_mask, position_ids, actual_seq_len):
+        return net(input_ids=input_ids, labels=labels, loss_mask=loss_mask, position_ids=position_ids,
+                   actual_seq_len=actual_seq_len)[0]
+
+    grad_fn = ms.value_and_grad(loss_fn, None, params)
+    args = (inputs["input_ids"], inputs["labels"], inputs["loss_mask"], inputs["position_ids"],
+            inputs["actual_seq_len"])
+    losses = []
+    for _ in range(steps):
+        loss, grads = grad_fn(*args)
+        optimizer(grads)
+        losses.append(float(loss.asnumpy()))
+    return losses, grads
+
+
+def test_training_steps_on_a_repeated_packed_batch_lower_the_loss():
+    net = build(tiny_config())
+    inputs = model_inputs(packed_rows(np.random.default_rng(2), 64, [[10, 30, 24], [64], [5, 40, 19]]))
+    losses, grads = _train(net, inputs, steps=6)
+    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[0] - 0.3, losses
+    names = [p.name for p in net.trainable_params()]
+    norms = {n: float(np.abs(g.asnumpy()).max()) for n, g in zip(names, grads)}
+    assert all(np.isfinite(v) for v in norms.values())
+    assert norms["decoder.layers.0.self_attention.gate.proj.weight"] > 1e-6
+    assert norms["decoder.layers.0.self_attention.core_attention.k_compressor.weight"] > 1e-6
+
+
+@pytest.mark.slow
+def test_checkpoint_round_trip_gives_the_same_loss(tmp_path):
+    cfg = tiny_config()
+    net = build(cfg)
+    inputs = model_inputs(packed_rows(np.random.default_rng(3), 64, [[20, 44], [33, 31]]))
+    _train(net, inputs, steps=2)
+    logits = _logits(net, inputs)
+    path = str(tmp_path / "nsa.ckpt")
+    ms.save_checkpoint(net, path)
+    fresh = build(cfg)
+    assert not np.allclose(_logits(fresh, inputs), logits, atol=1e-3)  # a new model differs ...
+    not_loaded, _ = ms.load_param_into_net(fresh, ms.load_checkpoint(path))
+    assert not not_loaded
+    np.testing.assert_array_equal(_logits(fresh, inputs), logits)      # ... until it loads the checkpoint
+
+
+@pytest.mark.slow
+def test_train_wrapper_runs_on_cpu():
+    from nsa_layers.mindformers import NSATrainOneStepCell
+
+    net = build(tiny_config())
+    net.set_train(True)
+    inputs = model_inputs(packed_rows(np.random.default_rng(4), 64, [[30, 34], [64]]))
+    wrapper = NSATrainOneStepCell(net, nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-3),
+                                  use_clip_grad=True)
+    assert wrapper.overflow_check == "isfinite"
+    before = [p.asnumpy().copy() for p in net.trainable_params()]
+    loss, overflow, *_ = wrapper(inputs["input_ids"], inputs["position_ids"], None, None, inputs["labels"], None,
+                                 None, inputs["loss_mask"], inputs["actual_seq_len"])
+    assert np.isfinite(float(loss.asnumpy())) and not bool(overflow.asnumpy())
+    assert any(not np.array_equal(b, p.asnumpy()) for b, p in zip(before, net.trainable_params()))
+
+
+@pytest.mark.slow
+def test_layer_selection_probe_never_picks_future_or_other_documents():
+    from nsa_layers.mindformers import LayerSelection
+
+    net = build(tiny_config())
+    rows = packed_rows(np.random.default_rng(5), 64, [[9, 40, 15]])
+    inputs = model_inputs(rows)
+    blocks, valid = LayerSelection(net, 1)(inputs["input_ids"], inputs["position_ids"], inputs["actual_seq_len"])
+    blocks, valid = blocks.asnumpy(), valid.asnumpy()
+    nsa = net.config.nsa_config()
+    assert blocks.shape == (64, nsa.num_kv_heads, nsa.select_block_count)
+    position = rows["position_ids"][0]
+    for t in range(64):
+        own = position[t] // nsa.select_block_size
+        for h in range(nsa.num_kv_heads):
+            chosen = blocks[t, h][valid[t, h]]
+            assert len(set(chosen.tolist())) == len(chosen)             # no duplicates
+            assert chosen.min() >= 0 and chosen.max() <= own            # never a future block
+            assert own in chosen and 0 in chosen                        # local and initial blocks forced
+            assert valid[t, h].sum() == min(nsa.select_block_count, own + 1)
+    with pytest.raises(ValueError, match="layer_index"):
+        LayerSelection(net, 2)
