@@ -10,6 +10,12 @@ one and one warm-up step (the first step after compiling is much slower). Where 
 runs out of memory (16k here), its step is estimated from two runs that attend only the first 2 and
 4 query chunks to all ``T`` keys (``estimate_full_mask``; ``--query-chunks``), marked "est." in the table.
 
+Shapes (``--shape``): ``bench`` (hidden 256, 4 heads, 1 KV head, head_dim 64; the default) and
+``qwen3-1.7b`` (Qwen3-1.7B's attention: hidden 2048, 16 heads, 8 KV heads, head_dim 128; NSA and
+PyTorch only). ``torch`` (when PyTorch is importable; not a dependency): PyTorch's
+``scaled_dot_product_attention`` per segment with ``is_causal``, the same projections, autograd.
+Under the table: NSA's peak memory per added token between consecutive lengths.
+
 Run: ``make bench-attention`` or ``python bench/bench_attention.py [--lengths 1024 2048 ...]``;
 ``--profile nsa 16384 one`` prints where one step's op time goes instead (MindSpore's profiler).
 """
@@ -24,14 +30,54 @@ import time
 
 import numpy as np
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 256, 4, 1, 64  # HEADS: the default; the dense baseline assumes KV_HEADS == 1
+# (hidden, heads, KV heads, head_dim); the dense baselines take one KV head
+SHAPES = {"bench": (256, 4, 1, 64), "qwen3-1.7b": (2048, 16, 8, 128)}
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM = SHAPES["bench"]
 
 
 DENSE_CHUNK = 1024  # query rows per chunk in the dense baselines (bounds their transient memory)
 
 
+def segment_lengths(total, layout):
+    """The benchmark's layouts: one segment, or 8 packed segments of alternating lengths."""
+    return [total] if layout == "one" else [total // 8 - 37, total // 8 + 37] * 4
+
+
+def run_torch(total, layout, steps, shape):
+    """PyTorch dense causal attention per segment (``scaled_dot_product_attention``), the same
+    projections, forward+backward; the same result dict as :func:`run_one`."""
+    import torch  # pylint: disable=import-outside-toplevel,import-error
+    hidden, heads, kv_heads, head_dim = SHAPES[shape]
+    torch.manual_seed(0)
+    q_proj, o_proj = torch.nn.Linear(hidden, heads * head_dim, bias=False), torch.nn.Linear(
+        heads * head_dim, hidden, bias=False)
+    k_proj, v_proj = (torch.nn.Linear(hidden, kv_heads * head_dim, bias=False) for _ in range(2))
+    x = torch.randn(total, hidden)
+    bounds = np.cumsum([0] + segment_lengths(total, layout)).tolist()
+
+    def step():
+        q = q_proj(x).view(total, heads, head_dim).transpose(0, 1)
+        k, v = (p(x).view(total, kv_heads, head_dim).transpose(0, 1) for p in (k_proj, v_proj))
+        # (1, H, S, D): with 3-D inputs CPU SDPA leaves its flash kernel for the T x T path
+        outs = [torch.nn.functional.scaled_dot_product_attention(
+            q[None, :, s:e], k[None, :, s:e], v[None, :, s:e], is_causal=True, enable_gqa=True)[0]
+            for s, e in zip(bounds, bounds[1:])]
+        out = torch.cat(outs, 1).transpose(0, 1).reshape(total, heads * head_dim)
+        (o_proj(out) ** 2).mean().backward()
+
+    times = []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"impl": "torch", "T": total, "layout": layout, "compile_s": 0.0, "step_s": statistics.median(times[2:]),
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None, heads=HEADS, profile_dir=None,
-            query_chunks=None):
+            query_chunks=None, shape="bench"):
+    if impl == "torch":
+        return run_torch(total, layout, steps, shape)
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindspore import Tensor, nn, ops  # pylint: disable=import-outside-toplevel
     from nsa_layers import NSAConfig, NSASelfAttention  # pylint: disable=import-outside-toplevel
@@ -40,11 +86,14 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None,
                                            visibility_bias)
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    cfg = NSAConfig(hidden_size=HIDDEN, num_heads=heads, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                    v_head_dim=HEAD_DIM, window_size=512, query_chunk_size=chunk, independent_kv=False,
+    hidden, shape_heads, kv_heads, head_dim = SHAPES[shape]
+    heads = heads if shape == "bench" else shape_heads
+    if impl != "nsa" and kv_heads != 1:
+        raise ValueError(f"the dense baselines take one KV head, shape {shape} has {kv_heads}")
+    cfg = NSAConfig(hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                    v_head_dim=head_dim, window_size=512, query_chunk_size=chunk, independent_kv=False,
                     select_block_count=select_count, select_dense_rows=dense_rows)
-    lengths = [total] if layout == "one" else [total // 8 - 37, total // 8 + 37] * 4
-    ends = Tensor(np.cumsum(lengths).astype(np.int32))
+    ends = Tensor(np.cumsum(segment_lengths(total, layout)).astype(np.int32))
 
     class Dense(nn.Cell):
         """Dense causal self-attention, segment-masked, with the same projections (one KV head shared
@@ -96,7 +145,7 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None,
 
     query_rows = total if query_chunks is None else query_chunks * DENSE_CHUNK
     layer = NSASelfAttention(cfg) if impl == "nsa" else Dense(impl == "dense_core", query_rows)
-    x = Tensor(np.random.default_rng(0).standard_normal((total, HIDDEN)).astype(np.float32))
+    x = Tensor(np.random.default_rng(0).standard_normal((total, hidden)).astype(np.float32))
     params = layer.trainable_params()
 
     def loss(inputs, seq):
@@ -173,7 +222,22 @@ def print_profile(profile_dir, top=25):
         print(f"| {op} | {shape} | {calls} | {ms_:.0f} |")
 
 
-IMPLS = ("nsa", "dense", "dense_core")
+IMPLS = ("nsa", "dense", "dense_core", "torch")
+
+
+def torch_importable():
+    """Whether PyTorch can be imported here (the ``torch`` column is run only then)."""
+    try:
+        import torch  # noqa: F401  pylint: disable=import-outside-toplevel,import-error,unused-import
+    except ImportError:
+        return False
+    return True
+
+
+def memory_slopes(results):
+    """``[(T0, T1, MB per added token)]`` between consecutive lengths of successful runs."""
+    runs = sorted((r["T"], r["peak_mb"]) for r in results if r and not r.get("estimated"))
+    return [(t0, t1, (m1 - m0) / (t1 - t0)) for (t0, m0), (t1, m1) in zip(runs, runs[1:])]
 PARTIAL_CHUNKS = (2, 4)  # query chunks of the two partial full-mask runs behind an estimate
 
 
@@ -206,7 +270,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--layouts", nargs="+", default=["one", "packed"], choices=["one", "packed"])
-    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--impls", nargs="+", default=None, choices=IMPLS,
+                        help="default: nsa, dense, dense_core (nsa only for qwen3-1.7b), and torch if importable")
+    parser.add_argument("--shape", default="bench", choices=sorted(SHAPES),
+                        help="bench: hidden 256, 4 heads, 1 KV head, head_dim 64; qwen3-1.7b: 2048, 16, 8, 128")
     parser.add_argument("--steps", type=int, default=4, help="timed steps after compile and one warm-up")
     parser.add_argument("--chunk", type=int, default=512, help="NSA query_chunk_size")
     parser.add_argument("--select-block-count", type=int, default=16, help="NSA n (blocks per query)")
@@ -223,10 +290,14 @@ def main():
                              "more step with MindSpore's profiler and print where its op time went")
     parser.add_argument("--profile-dir", default="profile_attention", help="where --profile writes the profiler files")
     args = parser.parse_args()
+    if args.impls is None:
+        args.impls = (["nsa"] if args.shape != "bench" else list(IMPLS[:3])) + (["torch"] if torch_importable() else [])
+    if args.shape != "bench" and set(args.impls) & {"dense", "dense_core"}:
+        parser.error(f"--shape {args.shape}: the dense baselines take one KV head; use --impls nsa torch")
     if args.profile:
         impl, total, layout = args.profile
         print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk, args.select_block_count,
-                                 args.select_dense_rows, args.heads, profile_dir=args.profile_dir)))
+                                 args.select_dense_rows, args.heads, profile_dir=args.profile_dir, shape=args.shape)))
         print_profile(args.profile_dir)
         return
     if args.query_chunks is not None and (not args.one or args.one[0] != "dense" or args.query_chunks < 1):
@@ -234,20 +305,25 @@ def main():
     if args.one:
         impl, total, layout = args.one
         print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk, args.select_block_count,
-                                 args.select_dense_rows, args.heads, query_chunks=args.query_chunks)))
+                                 args.select_dense_rows, args.heads, query_chunks=args.query_chunks,
+                                 shape=args.shape)))
         return
     options = ["--steps", str(args.steps), "--chunk", str(args.chunk), "--select-block-count",
-               str(args.select_block_count), "--heads", str(args.heads)]  # what every subprocess run gets
+               str(args.select_block_count), "--heads", str(args.heads), "--shape", args.shape]  # every subprocess
     if args.select_dense_rows is not None:
         options += ["--select-dense-rows", str(args.select_dense_rows)]
-    print(f"NSASelfAttention vs dense: hidden {HIDDEN}, {args.heads} heads, {KV_HEADS} KV head, head_dim {HEAD_DIM}, "
-          f"l=32 d=16 l'=64 n={args.select_block_count}, window 512, NSA query chunk {args.chunk}"
+    hidden, heads, kv_heads, head_dim = SHAPES[args.shape]
+    heads = args.heads if args.shape == "bench" else heads
+    print(f"NSASelfAttention vs dense ({args.shape}): hidden {hidden}, {heads} heads, {kv_heads} KV heads, "
+          f"head_dim {head_dim}, l=32 d=16 l'=64 n={args.select_block_count}, window 512, NSA query chunk {args.chunk}"
           + (f", select_dense_rows {args.select_dense_rows}" if args.select_dense_rows is not None else "")
           + "; forward+backward, mindspore.jit; "
           f"step time s (peak MB)\n")
-    print("| layout | T | NSA | dense | dense / NSA | dense-core | dense-core / NSA | NSA compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layout | T | NSA | dense | dense / NSA | dense-core | dense-core / NSA | torch | torch / NSA | "
+          "NSA compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     estimates = []  # the partial runs behind each estimated full-mask dense
+    nsa_runs = {layout: [] for layout in args.layouts}
     for layout in args.layouts:
         for total in args.lengths:
             row = {impl: run_subprocess(impl, total, layout, options) for impl in args.impls}
@@ -271,12 +347,19 @@ def main():
                 return ("~" if other.get("estimated") else "") + f"{other['step_s'] / nsa['step_s']:.2f}"
 
             compile_s = f"{row['nsa']['compile_s']:.0f}" if row.get("nsa") else "-"
+            nsa_runs[layout].append(row.get("nsa"))
             print(f"| {layout} | {total} | {cell('nsa')} | {cell('dense')} | {ratio('dense')} | "
-                  f"{cell('dense_core')} | {ratio('dense_core')} | {compile_s} |", flush=True)
+                  f"{cell('dense_core')} | {ratio('dense_core')} | {cell('torch')} | {ratio('torch')} | "
+                  f"{compile_s} |", flush=True)
             if row.get("dense") and row["dense"].get("estimated"):
                 estimates.append(f"{layout} {total}: " + ", ".join(
                     f"{n} chunks {run['step_s']:.2f} s ({run['peak_mb']:.0f} MB)"
                     for n, run in zip(PARTIAL_CHUNKS, row["dense"]["partial"])))
+    for layout, runs in nsa_runs.items():
+        slopes = memory_slopes(runs)
+        if slopes:
+            print(f"\nNSA peak memory per added token, {layout}: " + ", ".join(
+                f"{t0}->{t1}: {mb:.3f} MB" for t0, t1, mb in slopes))
     if estimates:
         print(f"\nest.: the full-mask dense out of memory; its partial runs (first query chunks of {DENSE_CHUNK} "
               "against all T keys), extended linearly to all chunks:\n" + "\n".join(estimates))

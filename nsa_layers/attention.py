@@ -140,7 +140,7 @@ class NativeSparseAttention(nn.Cell):
         v_cmp = self.v_compressor(kv["cmp"][1], layout["window_starts"])
         o_cmp, blocks, valid = self._compressed_and_selection(q_groups, k_cmp, v_cmp, layout)
         o_slc = self._selected(q_chunks, q_groups, kv["slc"], blocks, valid, layout)
-        o_win = self._sliding_window(q_groups, kv["win"], layout)
+        o_win = self._sliding_window(q, kv["win"], layout)
         return {"o_cmp": o_cmp, "o_slc": o_slc, "o_win": o_win, "blocks": blocks, "valid": valid}
 
     def _branches_on_kernels(self, q, kv, layout, route, prefix_sums):
@@ -166,7 +166,7 @@ class NativeSparseAttention(nn.Cell):
             o_slc = kernel_routing.selected_kernel(cfg, q, kv["slc"][0], kv["slc"][1], blocks, valid, prefix_sums)
         else:
             o_slc = self._selected(q_chunks, q_groups, kv["slc"], blocks, valid, layout)
-        o_win = self._sliding_window(q_groups, kv["win"], layout)
+        o_win = self._sliding_window(q, kv["win"], layout)
         return {"o_cmp": o_cmp, "o_slc": o_slc, "o_win": o_win, "blocks": blocks, "valid": valid}
 
     def _compressed_and_selection(self, q_groups, k_cmp, v_cmp, layout):
@@ -211,19 +211,18 @@ class NativeSparseAttention(nn.Cell):
             outs.append(out)
         return ops.cat(outs, 0)
 
-    def _sliding_window(self, q_groups, kv_win, layout):
-        """Attention over the ``w`` keys ending at each query, chunk by chunk, ``(T, H, Dv)``."""
-        cfg = self.config
+    def _sliding_window(self, q, kv_win, layout):
+        """Attention over the ``w`` keys ending at each query, ``(T, H, Dv)`` (``SlidingWindowAttention``
+        on the rows padded to whole chunks, the padding a segment of its own)."""
         k, v = kv_win
-        chunk = cfg.query_chunk_size
-        k_pieces, v_pieces = _split_chunks(k.transpose(1, 0, 2), chunk, 1), _split_chunks(v.transpose(1, 0, 2), chunk, 1)
-        outs = []
-        for j, (c0, c1) in enumerate(layout["chunks"]):
-            r0 = max(0, c0 - cfg.window_size + 1)  # the window's first row
-            out = self.sliding_window(q_groups[j], _rows_from_pieces(k_pieces, chunk, r0, j),
-                                      _rows_from_pieces(v_pieces, chunk, r0, j), layout["position"][c0:c1], c0 - r0)
-            outs.append(ungroup_outputs(out, c1 - c0))
-        return ops.cat(outs, 0)
+        total = q.shape[0]
+        pad = -total % self.config.query_chunk_size
+        if pad:
+            q, k, v = _pad_rows(q, pad), _pad_rows(k, pad), _pad_rows(v, pad)
+            position = ops.cat((layout["position"], ops.arange(0, pad, dtype=ms.int32)))
+        else:
+            position = layout["position"]
+        return self.sliding_window(q, k, v, position)[:total]
 
     def _check_inputs(self, q, k, v, gates):
         """Types, ranks, shapes and dtypes of the inputs, before any work (``input_checks``)."""
@@ -250,6 +249,11 @@ class NativeSparseAttention(nn.Cell):
         slots = (0, cfg.num_kv_heads, cfg.select_block_count)
         return {"out": empty.astype(q.dtype), "o_cmp": empty, "o_slc": empty, "o_win": empty,
                 "blocks": ops.zeros(slots, ms.int32), "valid": ops.zeros(slots, ms.bool_)}
+
+
+def _pad_rows(x, pad):
+    """``x`` with ``pad`` zero rows appended."""
+    return ops.cat((x, ops.zeros((pad,) + x.shape[1:], x.dtype)))
 
 
 def _rows_from_pieces(pieces, chunk, r0, last):

@@ -2,53 +2,121 @@
 inside its segment."""
 
 import numpy as np
+import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from .attention_math import MaskedAttention, column_tiled, masked_score, visibility_bias
+from .attention_math import (attention_backward, attention_forward, attention_probs, column_tiled, group_queries,
+                             masked_score, ungroup_outputs, visibility_bias)
 
-__all__ = ["SlidingWindowAttention"]
+__all__ = ["SlidingWindowAttention", "window_chunk_size"]
+
+# queries per window chunk: each reads its own C + w - 1 keys, so small chunks waste fewer masked keys
+_WINDOW_CHUNK = 256
+
+
+def window_chunk_size(config):
+    """Queries per chunk of :class:`SlidingWindowAttention`: 256 where it divides ``query_chunk_size``
+    (the core pads ``T`` to whole query chunks), else ``query_chunk_size``."""
+    size = config.query_chunk_size
+    return _WINDOW_CHUNK if size % _WINDOW_CHUNK == 0 else size
+
+# primitives in what bprop calls (see attention_math)
+_GATHER = ops.Gather()
+_SCATTER_UPDATE = ops.TensorScatterUpdate()
+_SCATTER_ADD = ops.TensorScatterAdd()
+_CONCAT_ROWS = ops.Concat(0)
+_CAST = ops.Cast()
+_MINIMUM = ops.Minimum()
+_ZEROS_LIKE = ops.ZerosLike()
 
 
 class SlidingWindowAttention(nn.Cell):
-    """Banded causal attention: query row ``t`` sees rows ``t - w + 1 .. t`` of its own segment.
+    """Banded causal attention over a whole sequence: row ``t`` sees rows ``t - w + 1 .. t`` of its segment.
 
-    A chunk's keys are the consecutive rows from ``offset`` rows before its first query to its last
-    query, so the distance from query ``i`` back to key ``j`` is ``offset + i - j`` whatever the
-    layout: it is read from a constant table built once (``query_chunk_size x (query_chunk_size + w - 1)``
-    int32), and only the segment start (the query's in-segment position) is data.
+    The queries go through in chunks of ``C = query_chunk_size`` in a graph loop (compiled once,
+    whatever ``T``); chunk ``j`` reads the ``C + w - 1`` key rows from ``w - 1`` before it, so the
+    distance from query ``i`` back to key ``j`` is ``(w - 1) + i - j`` whatever the layout: a constant
+    table, and only the segment start (the query's in-segment position) is data. The forward keeps
+    only the outputs; the backward recomputes each chunk's probabilities (as FlashAttention does), so
+    memory grows with ``T`` by rows, never by scores. See ``docs/design.md``.
 
     Args:
-        config (NSAConfig): sizes (``window_size``, ``query_chunk_size``).
+        config (NSAConfig): sizes (``window_size``, ``query_chunk_size``, heads and head dims).
 
     Inputs:
-        q (Tensor): ``(Hkv, G*C, Dq)`` grouped queries of a chunk, ``C <= query_chunk_size``.
-        k (Tensor): ``(Hkv, R, Dq)`` the key rows the chunk can reach, ``R = offset + C``: ``offset``
-            rows before the chunk and the chunk itself, head-major; ``v``: ``(Hkv, R, Dv)``.
-        position (Tensor): ``(C,)`` int32 in-segment positions of the queries.
-        offset (int): rows between the first key and the first query, at most ``w - 1``.
+        q (Tensor): ``(T, H, Dq)``, ``T`` a multiple of ``query_chunk_size``.
+        k (Tensor): ``(T, Hkv, Dq)``; ``v``: ``(T, Hkv, Dv)``.
+        position (Tensor): ``(T,)`` int32 in-segment positions.
 
     Outputs:
-        Tensor ``(Hkv, G*C, Dv)``.
+        Tensor ``(T, H, Dv)``.
     """
 
     def __init__(self, config):
         super().__init__()
         self.window = config.window_size
-        chunk = config.query_chunk_size
-        # distance[i, j] = (w - 1) + i - j from query i of a chunk to key j of a chunk with offset w - 1;
+        self.chunk = window_chunk_size(config)
+        self.kv_heads = config.num_kv_heads
+        self.scale = config.scale
+        self.keys = self.chunk + self.window - 1
+        # distance[i, j] from query i of a chunk to key j of its rows (from w - 1 before the chunk);
         # keys after the query get w, which no reach (at most w - 1) admits
-        distance = (self.window - 1) + np.arange(chunk).reshape(-1, 1) - np.arange(chunk + self.window - 1)
+        distance = (self.window - 1) + np.arange(self.chunk).reshape(-1, 1) - np.arange(self.keys)
         self.distance = Tensor(np.where(distance < 0, self.window, distance).astype(np.int32))
+        self.query_rows = Tensor(np.arange(self.chunk, dtype=np.int32).reshape(-1, 1))
+        self.key_rows = Tensor(np.arange(self.keys, dtype=np.int32).reshape(-1, 1))
         self.masked = masked_score(config.ms_compute_dtype)
-        self.attention = MaskedAttention(config.scale)
+        # the w - 1 rows in front of the first chunk's keys (masked: further back than any position)
+        self.k_front = Tensor(np.zeros((self.window - 1, config.num_kv_heads, config.head_dim), np.float32))
+        self.v_front = Tensor(np.zeros((self.window - 1, config.num_kv_heads, config.v_head_dim), np.float32))
 
-    def construct(self, q, k, v, position, offset):
-        rows = position.shape[0]
-        keys = k.shape[1]
-        first = self.window - 1 - offset
-        distance = self.distance[:rows, first:first + keys]
+    def construct(self, q, k, v, position):
+        k_rows, v_rows = self._with_front(k, self.k_front), self._with_front(v, self.v_front)
+        out = ops.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
+        chunks = q.shape[0] // self.chunk
+        j = Tensor(0, ms.int32)
+        while j < chunks:
+            rows = self.query_rows + j * self.chunk
+            q_chunk, k_chunk, v_chunk, bias = self._chunk(q, k_rows, v_rows, position, j)
+            out_chunk = attention_forward(q_chunk, k_chunk, v_chunk, bias, self.scale)[0]
+            out = _SCATTER_UPDATE(out, rows, ungroup_outputs(out_chunk, self.chunk))
+            j = j + 1
+        return out
+
+    def bprop(self, q, k, v, position, out, dout):
+        k_rows, v_rows = self._with_front(k, self.k_front), self._with_front(v, self.v_front)
+        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(k_rows), _ZEROS_LIKE(v_rows)
+        chunks = q.shape[0] // self.chunk
+        j = Tensor(0, ms.int32)
+        while j < chunks:
+            rows = self.query_rows + j * self.chunk
+            q_chunk, k_chunk, v_chunk, bias = self._chunk(q, k_rows, v_rows, position, j)
+            probs = attention_probs(q_chunk, k_chunk, bias, self.scale)  # recomputed: the same as the forward's
+            dq_chunk, dk_chunk, dv_chunk = attention_backward(
+                q_chunk, k_chunk, v_chunk, probs, self._grouped(out, rows), self._grouped(dout, rows), self.scale)
+            key_rows = self.key_rows + j * self.chunk
+            d_q = _SCATTER_UPDATE(d_q, rows, ungroup_outputs(dq_chunk, self.chunk))
+            d_k = _SCATTER_ADD(d_k, key_rows, dk_chunk.transpose(1, 0, 2))
+            d_v = _SCATTER_ADD(d_v, key_rows, dv_chunk.transpose(1, 0, 2))
+            j = j + 1
+        front = self.window - 1
+        return d_q, d_k[front:], d_v[front:], _ZEROS_LIKE(position)
+
+    def _with_front(self, x, front):
+        return _CONCAT_ROWS((_CAST(front, x.dtype), x))
+
+    def _grouped(self, x, rows):
+        """Rows ``rows`` of ``(T, H, F)`` as grouped query rows ``(Hkv, G*C, F)``."""
+        return group_queries(_GATHER(x, rows.reshape(-1), 0), self.kv_heads)
+
+    def _chunk(self, q, k_rows, v_rows, position, j):
+        """Chunk ``j``'s grouped queries, its ``C + w - 1`` head-major key and value rows, and the bias."""
+        key_rows = (self.key_rows + j * self.chunk).reshape(-1)
+        rows = (self.query_rows + j * self.chunk).reshape(-1)
+        reach = _MINIMUM(_GATHER(position, rows, 0), self.window - 1)
         # a key at distance 0 .. min(position, w - 1) rows back: in the window and, since the query's
         # segment starts `position` rows back, in its segment (no segment-id comparison)
-        visible = distance <= column_tiled(ops.minimum(position, self.window - 1), keys)
-        bias = visibility_bias(visible, q.dtype, self.masked)
-        return self.attention(q, k, v, bias.reshape(1, rows, keys))[0]
+        visible = self.distance <= column_tiled(reach, self.keys)
+        bias = visibility_bias(visible, q.dtype, self.masked).reshape(1, self.chunk, self.keys)
+        return (self._grouped(q, rows), _GATHER(k_rows, key_rows, 0).transpose(1, 0, 2),
+                _GATHER(v_rows, key_rows, 0).transpose(1, 0, 2), bias)

@@ -23,12 +23,17 @@ def test_bench_attention_runs_every_implementation_with_its_options(tmp_path):
     rows = [line for line in lines if line.startswith("| packed | 512 |")]
     assert len(rows) == 1, result.stdout
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
-    # NSA, dense, dense-core: "seconds (peak MB)"; the ratios and the compile time: numbers
-    for cell in (cells[2], cells[3], cells[5]):
-        seconds, peak = cell.split(" ")
+    # NSA, dense, dense-core (and PyTorch where importable): "seconds (peak MB)"; the ratios and the
+    # compile time: numbers
+    torch_columns = (7, 8) if _load_bench().torch_importable() else ()
+    for index in (2, 3, 5) + torch_columns[:1]:
+        seconds, peak = cells[index].split(" ")
         assert float(seconds) > 0 and float(peak.strip("()")) > 0, rows[0]
-    for cell in (cells[4], cells[6], cells[7]):
-        assert float(cell) > 0, rows[0]
+    for index in (4, 6, 9) + torch_columns[1:]:
+        assert float(cells[index]) > 0, rows[0]
+    if not torch_columns:
+        assert cells[7] == cells[8] == "-", rows[0]
+    assert "NSA peak memory per added token, packed" not in result.stdout  # one length: no slope
 
 
 @pytest.mark.slow
@@ -115,3 +120,16 @@ def test_query_chunks_only_for_one_partial_dense_run(args, tmp_path):
     result = subprocess.run([sys.executable, str(BENCH)] + args, cwd=tmp_path, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 2 and "--query-chunks" in result.stderr and "only with --one dense" in result.stderr
+
+
+def test_memory_slopes_are_per_added_token_between_consecutive_lengths():
+    bench = _load_bench()
+    runs = [{"T": 4096, "peak_mb": 900.0}, None, {"T": 2048, "peak_mb": 500.0}, {"T": 8192, "peak_mb": 1500.0},
+            {"T": 16384, "estimated": True, "step_s": 1.0}]
+    assert bench.memory_slopes(runs) == [(2048, 4096, 400.0 / 2048), (4096, 8192, 600.0 / 4096)]
+
+
+def test_qwen3_shape_refuses_the_one_kv_head_baselines():
+    result = subprocess.run([sys.executable, str(BENCH), "--shape", "qwen3-1.7b", "--impls", "dense"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and "the dense baselines take one KV head" in result.stderr
