@@ -29,7 +29,6 @@ from .gate import GatedSum
 from .input_checks import check_float_input, check_kv_inputs
 from .layout import packed_layout
 from .selected_attention import BlockMaskedSelectedAttention, SelectedAttention
-from .selection import BlockSelector
 from .sliding_window import SlidingWindowAttention
 
 __all__ = ["NativeSparseAttention", "NSADetails"]
@@ -85,8 +84,7 @@ class NativeSparseAttention(nn.Cell):
         self.v_compressor = KVCompressor(config.compress_block_size, config.num_kv_heads, config.v_head_dim,
                                          config.use_position_embedding)
         self.compressed_attention = CompressedAttention(config)
-        self.selector = BlockSelector(config)
-        self.selected_attention = SelectedAttention(config)
+        self.selected_attention = SelectedAttention(config, first_chunk=config.select_dense_rows // config.query_chunk_size)
         self.block_masked_selected_attention = BlockMaskedSelectedAttention(config)
         self.sliding_window = SlidingWindowAttention(config)
         self.gated_sum = GatedSum()
@@ -134,12 +132,10 @@ class NativeSparseAttention(nn.Cell):
     def _branches(self, q, kv, layout):
         """The three branches, one call each: compression (Eq. 7), compressed attention with the
         blocks it selects (Eq. 8-11), selected attention (Eq. 12), the sliding window (§3.3.3)."""
-        q_chunks = _split_chunks(q, self.config.query_chunk_size, 0)
-        q_groups = [group_queries(chunk, self.config.num_kv_heads) for chunk in q_chunks]
         k_cmp = self.k_compressor(kv["cmp"][0], layout["window_starts"])
         v_cmp = self.v_compressor(kv["cmp"][1], layout["window_starts"])
-        o_cmp, blocks, valid = self._compressed_and_selection(q_groups, k_cmp, v_cmp, layout)
-        o_slc = self._selected(q_chunks, q_groups, kv["slc"], blocks, valid, layout)
+        o_cmp, blocks, valid = self._compressed_and_selection(q, k_cmp, v_cmp, layout)
+        o_slc = self._selected(q, kv["slc"], blocks, valid, layout)
         o_win = self._sliding_window(q, kv["win"], layout)
         return {"o_cmp": o_cmp, "o_slc": o_slc, "o_win": o_win, "blocks": blocks, "valid": valid}
 
@@ -148,8 +144,6 @@ class NativeSparseAttention(nn.Cell):
         (``kernel_routing``: host prefix sums, half-precision compute, the kernels' constraints); the
         others, and the sliding window (no kernel), stay composite."""
         cfg = self.config
-        q_chunks = _split_chunks(q, cfg.query_chunk_size, 0)
-        q_groups = [group_queries(chunk, cfg.num_kv_heads) for chunk in q_chunks]
         if route.uses_kernel("compress"):
             slots = layout["window_starts"].shape[0]
             k_cmp = self.k_compressor.with_kernel(kv["cmp"][0], cfg.compress_stride, prefix_sums, slots)
@@ -161,68 +155,49 @@ class NativeSparseAttention(nn.Cell):
             o_cmp, blocks, valid = kernel_routing.compressed_and_selection_kernel(
                 cfg, q, k_cmp, v_cmp, layout["position"], prefix_sums)
         else:
-            o_cmp, blocks, valid = self._compressed_and_selection(q_groups, k_cmp, v_cmp, layout)
+            o_cmp, blocks, valid = self._compressed_and_selection(q, k_cmp, v_cmp, layout)
         if route.uses_kernel("selected_attention"):
             o_slc = kernel_routing.selected_kernel(cfg, q, kv["slc"][0], kv["slc"][1], blocks, valid, prefix_sums)
         else:
-            o_slc = self._selected(q_chunks, q_groups, kv["slc"], blocks, valid, layout)
+            o_slc = self._selected(q, kv["slc"], blocks, valid, layout)
         o_win = self._sliding_window(q, kv["win"], layout)
         return {"o_cmp": o_cmp, "o_slc": o_slc, "o_win": o_win, "blocks": blocks, "valid": valid}
 
-    def _compressed_and_selection(self, q_groups, k_cmp, v_cmp, layout):
+    def _compressed_and_selection(self, q, k_cmp, v_cmp, layout):
         """Compressed attention over the windows each query has seen, and the top-``n`` blocks its
-        probabilities score, chunk by chunk: ``o_cmp (T, H, Dv)``, ``blocks`` and ``valid (T, Hkv, n)``."""
-        k_cmp, v_cmp = k_cmp.transpose(1, 0, 2), v_cmp.transpose(1, 0, 2)  # (Hkv, S, D)
-        outs, blocks, valid = [], [], []
-        for j, (c0, c1) in enumerate(layout["chunks"]):
-            reach = layout["window_reach"][j]
-            first_window = layout["first_window"][c0:c1]
-            out, probs = self.compressed_attention(q_groups[j], k_cmp[:, :reach], v_cmp[:, :reach], first_window,
-                                                   layout["windows_ended"][c0:c1])
-            chosen, used = self.selector(probs, first_window, layout["position"][c0:c1],
-                                         (c1 - 1) // self.config.select_block_size + 1)
-            outs.append(ungroup_outputs(out, c1 - c0))
-            blocks.append(chosen.transpose(1, 0, 2))
-            valid.append(used.transpose(1, 0, 2))
-        return ops.cat(outs, 0), ops.cat(blocks, 0), ops.cat(valid, 0)
+        probabilities score: ``o_cmp (T, H, Dv)``, ``blocks`` and ``valid (T, Hkv, n)``."""
+        return self.compressed_attention(q, k_cmp, v_cmp, layout["first_window"], layout["windows_ended"],
+                                         layout["position"])
 
-    def _selected(self, q_chunks, q_groups, kv_slc, blocks, valid, layout):
+    def _selected(self, q, kv_slc, blocks, valid, layout):
         """Attention over the selected blocks' tokens, ``(T, H, Dv)``: block-masked for the chunks that
-        end by row ``select_dense_rows``, grouped by block (``SelectedAttention``) after them."""
+        end by row ``select_dense_rows`` (``BlockMaskedSelectedAttention``, one call per chunk), grouped
+        by block after them (``SelectedAttention``, on the rows padded to whole chunks)."""
         cfg = self.config
         k, v = kv_slc
         chunk = cfg.query_chunk_size
-        k_pieces, v_pieces = _split_chunks(k.transpose(1, 0, 2), chunk, 1), _split_chunks(v.transpose(1, 0, 2), chunk, 1)
-        gathers = k.shape[0] > cfg.select_dense_rows  # some chunk reads block-major keys and values
-        k_blocks = self.selected_attention.block_major(k, layout["block_starts"]) if gathers else None
-        v_blocks = self.selected_attention.block_major(v, layout["block_starts"]) if gathers else None
+        chunks = layout["chunks"]
+        dense = len([c1 for _, c1 in chunks if c1 <= cfg.select_dense_rows])
         outs = []
-        for j, (c0, c1) in enumerate(layout["chunks"]):
-            chosen, used = blocks[c0:c1].transpose(1, 0, 2), valid[c0:c1].transpose(1, 0, 2)
-            position = layout["position"][c0:c1]
-            if c1 <= cfg.select_dense_rows:
-                out = ungroup_outputs(self.block_masked_selected_attention(
-                    q_groups[j], _rows_from_pieces(k_pieces, chunk, 0, j), _rows_from_pieces(v_pieces, chunk, 0, j),
-                    layout["segment"][:c1], layout["position"][:c1], chosen, used, layout["segment"][c0:c1],
-                    position), c1 - c0)
-            else:
-                out = self.selected_attention(q_chunks[j], k_blocks, v_blocks, chosen, used,
-                                              layout["first_block"][c0:c1], position, layout["block_reach"][j])
-            outs.append(out)
-        return ops.cat(outs, 0)
+        # head-major keys and values cut into the chunks once (unused, and compiled away, without dense chunks)
+        k_pieces, v_pieces = _split_chunks(k.transpose(1, 0, 2), chunk, 1), _split_chunks(v.transpose(1, 0, 2), chunk, 1)
+        for j in range(dense):
+            c0, c1 = chunks[j]
+            outs.append(ungroup_outputs(self.block_masked_selected_attention(
+                group_queries(q[c0:c1], cfg.num_kv_heads), _rows_from_pieces(k_pieces, chunk, 0, j),
+                _rows_from_pieces(v_pieces, chunk, 0, j), layout["segment"][:c1], layout["position"][:c1],
+                blocks[c0:c1].transpose(1, 0, 2), valid[c0:c1].transpose(1, 0, 2), layout["segment"][c0:c1],
+                layout["position"][c0:c1]), c1 - c0))
+        if dense < len(chunks):
+            gathered = self.selected_attention(q, self.selected_attention.block_major(k, layout["block_starts"]),
+                                               self.selected_attention.block_major(v, layout["block_starts"]),
+                                               blocks, valid, layout["first_block"], layout["position"])
+            outs.append(gathered[dense * chunk:])
+        return outs[0] if len(outs) == 1 else ops.cat(outs, 0)
 
     def _sliding_window(self, q, kv_win, layout):
-        """Attention over the ``w`` keys ending at each query, ``(T, H, Dv)`` (``SlidingWindowAttention``
-        on the rows padded to whole chunks, the padding a segment of its own)."""
-        k, v = kv_win
-        total = q.shape[0]
-        pad = -total % self.config.query_chunk_size
-        if pad:
-            q, k, v = _pad_rows(q, pad), _pad_rows(k, pad), _pad_rows(v, pad)
-            position = ops.cat((layout["position"], ops.arange(0, pad, dtype=ms.int32)))
-        else:
-            position = layout["position"]
-        return self.sliding_window(q, k, v, position)[:total]
+        """Attention over the ``w`` keys ending at each query, ``(T, H, Dv)``."""
+        return self.sliding_window(q, kv_win[0], kv_win[1], layout["position"])
 
     def _check_inputs(self, q, k, v, gates):
         """Types, ranks, shapes and dtypes of the inputs, before any work (``input_checks``)."""
@@ -249,11 +224,6 @@ class NativeSparseAttention(nn.Cell):
         slots = (0, cfg.num_kv_heads, cfg.select_block_count)
         return {"out": empty.astype(q.dtype), "o_cmp": empty, "o_slc": empty, "o_win": empty,
                 "blocks": ops.zeros(slots, ms.int32), "valid": ops.zeros(slots, ms.bool_)}
-
-
-def _pad_rows(x, pad):
-    """``x`` with ``pad`` zero rows appended."""
-    return ops.cat((x, ops.zeros((pad,) + x.shape[1:], x.dtype)))
 
 
 def _rows_from_pieces(pieces, chunk, r0, last):

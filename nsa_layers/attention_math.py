@@ -8,9 +8,9 @@ Shapes: a chunk of ``C`` queries ``(C, H, D)`` with ``H = Hkv * G`` heads, head 
 import mindspore as ms
 from mindspore import nn, ops
 
-__all__ = ["MASKED", "masked_score", "group_queries", "ungroup_outputs", "visibility_bias", "column_tiled",
-           "row_tiled", "row_dot", "attention_forward", "attention_probs", "attention_backward", "MaskedAttention",
-           "RowSoftmax"]
+__all__ = ["MASKED", "masked_score", "index_range", "chunk_buckets", "padded_rows", "group_queries", "ungroup_outputs",
+           "visibility_bias", "column_tiled", "row_tiled", "row_dot", "attention_forward", "attention_probs",
+           "attention_backward", "MaskedAttention"]
 
 # Primitives, not ops.* functions, in what a graph-mode bprop calls: MindSpore 2.9 fails to compile
 # many ops.* functions there (their Python branches). A branch on static shapes compiles when both arms
@@ -25,6 +25,8 @@ _ZEROS_LIKE = ops.ZerosLike()
 _ONES_LIKE = ops.OnesLike()
 _TILE = ops.Tile()
 _CONCAT_LAST = ops.Concat(-1)
+_RANGE = ops.Range()
+_CONCAT_ROWS = ops.Concat(0)
 # Nothing here broadcasts: on MindSpore's CPU backend a broadcasting binary op costs several times its
 # output in memory and time against an explicit tile and a same-shape op (docs/design.md).
 
@@ -38,6 +40,36 @@ MASKED_FLOAT16 = -3.0e4
 def masked_score(dtype):
     """The masked-key score for scores of ``dtype`` (:data:`MASKED`, or :data:`MASKED_FLOAT16`)."""
     return MASKED_FLOAT16 if dtype == ms.float16 else MASKED
+
+
+def index_range(count):
+    """``(count,)`` int32 ``0 .. count - 1`` (the ``Range`` primitive: ``ops.arange`` does not compile in
+    a graph-mode bprop)."""
+    return _RANGE(ms.Tensor(0, ms.int32), ms.Tensor(count, ms.int32), ms.Tensor(1, ms.int32))
+
+
+def padded_rows(x, multiple):
+    """``x`` with zero rows (``False`` for bool) appended up to a multiple of ``multiple`` rows
+    (primitives only, so that a bprop can pad as its forward did). No ``if`` on the pad, although a
+    copy is made when there is none: in MindFormers' model MindSpore 2.9 drops the branch it folded
+    away while compiling a forward and then fails on it ("func graph is empty") in the bprop."""
+    total = x.shape[0]
+    pad = -total % multiple
+    flat = x.reshape(total, -1)
+    return _CONCAT_ROWS((flat, _TILE(_ZEROS_LIKE(flat[:1]), (pad, 1)))).reshape((total + pad,) + x.shape[1:])
+
+
+# query chunks per graph loop of a branch whose per-chunk work grows along the sequence
+_BUCKETS = 4
+
+
+def chunk_buckets(first, last, count=_BUCKETS):
+    """Chunk indices ``first .. last - 1`` cut into at most ``count`` consecutive ``(first, last)``
+    ranges of nearly equal size (static Python; one graph loop each)."""
+    chunks = last - first
+    parts = count if count < chunks else chunks
+    bounds = [first + chunks * i // parts for i in range(parts + 1)] if parts else [first, first]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
 def group_queries(q, kv_heads):
@@ -155,23 +187,3 @@ class MaskedAttention(nn.Cell):
     def bprop(self, q, k, v, bias, out, dout):
         d_q, d_k, d_v = attention_backward(q, k, v, out[1], out[0], dout[0], self.scale)
         return d_q, d_k, d_v, _ZEROS_LIKE(bias)
-
-
-class RowSoftmax(nn.Cell):
-    """Softmax over the last axis of ``(B, R, N)`` scores, with the backward
-    ``P * (dP - sum_j P_j dP_j)`` whose row sum is :func:`row_dot` (MindSpore's CPU ReduceSum over
-    the last axis, as autodiff's softmax backward uses it, is several times slower).
-
-    Inputs:
-        x (Tensor): ``(B, R, N)`` scores (masked keys at :func:`masked_score`).
-
-    Outputs:
-        Tensor ``(B, R, N)`` probabilities.
-    """
-
-    def construct(self, x):
-        return _SOFTMAX(x)
-
-    def bprop(self, x, out, dout):
-        keys = out.shape[2]
-        return (out * (dout - _TILE(row_dot(out, dout), (1, 1, keys))),)

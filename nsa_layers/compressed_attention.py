@@ -1,52 +1,154 @@
-"""Compressed-attention branch: each query attends to the compressed windows of its own segment
-that have ended (window ``i`` is visible to in-segment position ``t`` iff ``i*d + l - 1 <= t``)."""
+"""Compressed-attention branch and the block selection it scores: each query attends to the
+compressed windows of its own segment that have ended (window ``i`` is visible to in-segment
+position ``t`` iff ``i*d + l - 1 <= t``), and its probabilities choose the selected blocks."""
 
-from mindspore import nn, ops
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+from mindspore.ops import constexpr
 
-from .attention_math import MaskedAttention, column_tiled, masked_score, row_tiled, visibility_bias
+from .attention_math import (attention_backward, attention_forward, attention_probs, chunk_buckets, column_tiled,
+                             group_queries, index_range, masked_score, padded_rows, row_tiled, ungroup_outputs,
+                             visibility_bias)
+from .selection import BlockSelector
 
 __all__ = ["CompressedAttention"]
 
+# primitives in what bprop calls (see attention_math)
+_GATHER = ops.Gather()
+_SCATTER_UPDATE = ops.TensorScatterUpdate()
+_CAST = ops.Cast()
+_LOGICAL_AND = ops.LogicalAnd()
+_ZEROS_LIKE = ops.ZerosLike()
+_TILE = ops.Tile()
+_CONCAT_SLOTS = ops.Concat(1)
+
+
+@constexpr
+def _buckets(total, slots, chunk, stride):
+    """Static ``(first, last, slots)`` ranges of query chunks (``chunk_buckets``), each chunk reading
+    the window slots its range's last chunk can reach: slots are in row order, so a chunk ending at
+    row ``c1`` reaches at most ``c1 // d + (S - T // d)`` of them (``packing.max_windows``; ``T``
+    unpadded)."""
+    return tuple((first, last, min(slots, last * chunk // stride + slots - total // stride))
+                 for first, last in chunk_buckets(0, -(-total // chunk)))
+
 
 class CompressedAttention(nn.Cell):
-    """Softmax attention over compressed keys with NSA's causal rule.
+    """Softmax attention over compressed keys with NSA's causal rule, and the top-``n`` selection blocks
+    from its probabilities (``BlockSelector``), over a whole sequence.
 
     Compressed windows are in slots numbered in row order, so the windows a query sees are the
-    consecutive slots ``first_window .. first_window + ended - 1``: its segment's first ``ended`` windows
-    (``PackedLayout``). A query that sees no window
-    (``ended = 0``: ``t < l - 1``) outputs exactly 0 with zero gradients.
+    consecutive slots ``first_window .. first_window + ended - 1``: its segment's first ``ended``
+    windows (``PackedLayout``). A query that sees no window (``ended = 0``: ``t < l - 1``) outputs
+    exactly 0 with zero gradients (its probabilities do not matter to selection: such a query is in
+    block 0, its only candidate, which is forced).
+
+    The queries go through in chunks of ``query_chunk_size`` in graph loops (compiled once each,
+    whatever ``T``): one loop per bucket of consecutive chunks, each chunk against the window slots
+    its bucket's last chunk can reach (static shapes in a loop, fewer wasted slots than one loop over
+    all of them). The forward keeps only the outputs, the backward recomputes each chunk's
+    probabilities (``docs/design.md``).
 
     Args:
         config (NSAConfig): sizes.
 
     Inputs:
-        q (Tensor): ``(Hkv, G*C, Dq)`` grouped queries of a chunk (``attention_math.group_queries``).
-        k (Tensor): ``(Hkv, S, Dq)`` compressed keys (the first ``S`` slots); ``v``: ``(Hkv, S, Dv)``.
-        first_window (Tensor): ``(C,)`` int32 slot of the first window of each query's segment.
-        ended (Tensor): ``(C,)`` int32 windows of the query's segment that have ended at the query
-            (all within the ``S`` slots).
+        q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks; the padding sees no window).
+        k (Tensor): ``(S, Hkv, Dq)`` compressed keys of the window slots; ``v``: ``(S, Hkv, Dv)``.
+        first_window, windows_ended, position (Tensor): ``(T,)`` int32 (``PackedLayout``).
 
     Outputs:
-        ``(out (Hkv, G*C, Dv), probs (Hkv, G, C, S))``: float, the probabilities for block selection
-        (no gradient flows through them). A query that sees no window has arbitrary probabilities
-        over masked windows; they do not matter to selection, since such a query is in block 0
-        (``l' >= l``), its only candidate, which is forced.
+        ``(out (T, H, Dv), blocks (T, Hkv, n) int32, valid (T, Hkv, n) bool)``: the branch output, the
+        selected in-segment block ids (best first) and which slots are used; no gradient flows
+        through the selection.
     """
 
     def __init__(self, config):
         super().__init__()
+        self.chunk = config.query_chunk_size
+        self.kv_heads = config.num_kv_heads
+        self.block = config.select_block_size
+        self.stride = config.compress_stride
+        self.count = config.select_block_count
+        self.scale = config.scale
         self.masked = masked_score(config.ms_compute_dtype)
-        self.attention = MaskedAttention(config.scale)
+        self.selector = BlockSelector(config)
+        self.query_rows = Tensor(np.arange(self.chunk, dtype=np.int32).reshape(-1, 1))
 
-    def construct(self, q, k, v, first_window, ended):
-        kv_heads, grouped, dim = q.shape[0], q.shape[1], v.shape[2]
-        rows = first_window.shape[0]
-        slots = k.shape[1]
+    def construct(self, q, k, v, first_window, windows_ended, position):
+        total = q.shape[0]
+        q, first_window, windows_ended, position = self._padded(q, first_window, windows_ended, position)
+        k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (Hkv, S, D)
+        out = ops.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
+        blocks = ops.zeros((q.shape[0], self.kv_heads, self.count), ms.int32)
+        valid = ops.zeros((q.shape[0], self.kv_heads, self.count), ms.bool_)
+        for first, last, slots in _buckets(total, k.shape[0], self.chunk, self.stride):
+            num_blocks = (last * self.chunk - 1) // self.block + 1  # a bound on the queries' own blocks, plus one
+            k_reach, v_reach = k_heads[:, :slots], v_heads[:, :slots]
+            j = Tensor(first, ms.int32)
+            while j < last:
+                rows = self.query_rows + j * self.chunk
+                q_chunk, bias, sees = self._chunk(q, first_window, windows_ended, rows, slots, v.shape[2])
+                out_chunk, probs = attention_forward(q_chunk, k_reach, v_reach, bias, self.scale)
+                chosen, used = self.selector(probs, _GATHER(first_window, rows.reshape(-1), 0),
+                                             _GATHER(position, rows.reshape(-1), 0), num_blocks)
+                out = _SCATTER_UPDATE(out, rows, ungroup_outputs(out_chunk * sees, self.chunk))
+                blocks = _SCATTER_UPDATE(blocks, rows, chosen.transpose(1, 0, 2))
+                valid = _SCATTER_UPDATE(valid, rows, used.transpose(1, 0, 2))
+                j = j + 1
+        return out[:total], blocks[:total], valid[:total]
+
+    def bprop(self, q, k, v, first_window, windows_ended, position, out, dout):
+        total = q.shape[0]
+        q, first_window_rows, windows_ended_rows, position_rows = self._padded(q, first_window, windows_ended,
+                                                                               position)
+        outputs, d_outputs = padded_rows(out[0], self.chunk), padded_rows(dout[0], self.chunk)
+        k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(k_heads), _ZEROS_LIKE(v_heads)
+        for first, last, slots in _buckets(total, k.shape[0], self.chunk, self.stride):
+            k_reach, v_reach = k_heads[:, :slots], v_heads[:, :slots]
+            d_k_reach, d_v_reach = _ZEROS_LIKE(k_reach), _ZEROS_LIKE(v_reach)
+            j = Tensor(first, ms.int32)
+            while j < last:
+                rows = self.query_rows + j * self.chunk
+                q_chunk, bias, sees = self._chunk(q, first_window_rows, windows_ended_rows, rows, slots, v.shape[2])
+                probs = attention_probs(q_chunk, k_reach, bias, self.scale)  # recomputed: the same as the forward's
+                d_out = self._grouped(d_outputs, rows) * sees  # rows that see no window: zero gradients
+                dq_chunk, dk_chunk, dv_chunk = attention_backward(q_chunk, k_reach, v_reach, probs,
+                                                                  self._grouped(outputs, rows), d_out, self.scale)
+                d_q = _SCATTER_UPDATE(d_q, rows, ungroup_outputs(dq_chunk, self.chunk))
+                d_k_reach = d_k_reach + dk_chunk
+                d_v_reach = d_v_reach + dv_chunk
+                j = j + 1
+            if slots < k.shape[0]:  # the slots the range does not reach get no gradient from it
+                d_k = d_k + _CONCAT_SLOTS((d_k_reach, _ZEROS_LIKE(k_heads[:, slots:])))
+                d_v = d_v + _CONCAT_SLOTS((d_v_reach, _ZEROS_LIKE(v_heads[:, slots:])))
+            else:
+                d_k = d_k + d_k_reach
+                d_v = d_v + d_v_reach
+        return (d_q[:total], d_k.transpose(1, 0, 2), d_v.transpose(1, 0, 2), _ZEROS_LIKE(first_window),
+                _ZEROS_LIKE(windows_ended), _ZEROS_LIKE(position))
+
+    def _padded(self, q, first_window, windows_ended, position):
+        """The inputs padded to whole chunks: the padding rows see no window."""
+        return (padded_rows(q, self.chunk), padded_rows(first_window, self.chunk),
+                padded_rows(windows_ended, self.chunk), padded_rows(position, self.chunk))
+
+    def _grouped(self, x, rows):
+        """Rows ``rows`` of ``(T, H, F)`` as grouped query rows ``(Hkv, G*C, F)``."""
+        return group_queries(_GATHER(x, rows.reshape(-1), 0), self.kv_heads)
+
+    def _chunk(self, q, first_window, windows_ended, rows, slots, dim_v):
+        """A chunk's grouped queries, its score bias over the ``slots`` and its "sees a window" mask
+        ``(Hkv, G*C, Dv)`` (1 or 0, tiled: nothing broadcasts, see attention_math)."""
+        flat = rows.reshape(-1)
+        first, ended = _GATHER(first_window, flat, 0), _GATHER(windows_ended, flat, 0)
         # slot - first_window in [0, ended): mask comparisons on explicitly tiled operands (see attention_math)
-        relative = row_tiled(ops.arange(0, slots, dtype=first_window.dtype), rows) - column_tiled(first_window, slots)
-        visible = ops.logical_and(relative >= 0, relative < column_tiled(ended, slots))
-        out, probs = self.attention(q, k, v, visibility_bias(visible, q.dtype, self.masked).reshape(1, rows, slots))
-        # rows that see no window attend uniformly to masked keys: zero their outputs (and so their gradients)
-        sees = ops.stop_gradient((ended > 0).astype(q.dtype)).reshape(1, 1, rows, 1)
-        sees = ops.tile(sees, (kv_heads, grouped // rows, 1, dim)).reshape(kv_heads, grouped, dim)
-        return out * sees, probs
+        relative = row_tiled(index_range(slots), self.chunk) - column_tiled(first, slots)
+        visible = _LOGICAL_AND(relative >= 0, relative < column_tiled(ended, slots))
+        bias = visibility_bias(visible, q.dtype, self.masked).reshape(1, self.chunk, slots)
+        q_chunk = self._grouped(q, rows)
+        sees = _CAST(ended > 0, q.dtype).reshape(1, 1, self.chunk, 1)
+        sees = _TILE(sees, (self.kv_heads, q_chunk.shape[1] // self.chunk, 1, dim_v))
+        return q_chunk, bias, sees.reshape(self.kv_heads, -1, dim_v)

@@ -14,17 +14,38 @@ from typing import TypedDict
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
+from mindspore.ops import constexpr
 
-from .attention_math import MaskedAttention, RowSoftmax, column_tiled, masked_score, row_tiled, visibility_bias
+from .attention_math import (MaskedAttention, chunk_buckets, column_tiled, index_range, masked_score, padded_rows,
+                             row_dot, row_tiled, visibility_bias)
 from .layout import window_rows_tensor
 
-__all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "RowPermutation", "SelectedTilePlan",
+__all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "SelectedTilePlan",
            "selected_tile_plan", "block_grouped_slots", "selected_block_mask", "tile_pairs"]
 
 # primitives in what bprop calls (see attention_math)
 _GATHER = ops.Gather()
 _CONCAT_ROWS = ops.Concat(0)
 _ZEROS_LIKE = ops.ZerosLike()
+_ONES_LIKE = ops.OnesLike()
+_CAST = ops.Cast()
+_TILE = ops.Tile()
+_SOFTMAX = ops.Softmax(axis=-1)
+_MATMUL = ops.MatMul()
+_BMM = ops.BatchMatMul()
+_BMM_TRANSPOSE_A = ops.BatchMatMul(transpose_a=True)
+_BMM_TRANSPOSE_B = ops.BatchMatMul(transpose_b=True)
+_SCATTER_UPDATE = ops.TensorScatterUpdate()
+_SEGMENT_SUM = ops.UnsortedSegmentSum()
+_SORT = ops.Sort()
+_CUMSUM = ops.CumSum()
+_MINIMUM = ops.Minimum()
+_SELECT = ops.Select()
+
+
+def _with_zero_row(x):
+    """``(N, F)`` -> ``(N + 1, F)``: a zero row appended (row ``N``, for indices that point nowhere)."""
+    return _CONCAT_ROWS((x, _ZEROS_LIKE(x[:1])))
 
 
 def selected_block_mask(blocks, valid, num_blocks):
@@ -45,6 +66,13 @@ def tile_pairs(group_size):
     return min(16, max(4, _TILE_ROWS // group_size))
 
 
+@constexpr
+def _tile_capacity(pairs, num_groups, tile):
+    """``R`` of :func:`block_grouped_slots`, in Python: a static branch in a function that both a
+    forward and a bprop call makes MindSpore 2.9 fail in MindFormers' model ("func graph is empty")."""
+    return -(-pairs // tile) + min(num_groups, pairs)
+
+
 def block_grouped_slots(block_group, num_groups, tile):
     """The block-grouped layout of :class:`SelectedAttention`: (query, slot) pairs grouped by the
     block they read, each group padded to whole tiles of ``tile`` pairs.
@@ -62,62 +90,20 @@ def block_grouped_slots(block_group, num_groups, tile):
         non-empty group).
     """
     pairs = block_group.shape[0]
-    capacity = (pairs + tile - 1) // tile + min(num_groups, pairs)
-    pair_ids = ops.arange(0, pairs, dtype=ms.int32)
+    capacity = _tile_capacity(pairs, num_groups, tile)
+    pair_ids = index_range(pairs)
     # rank of each pair among the pairs before it in group order (any order within a group will do)
-    order = ops.sort(block_group.astype(ms.float32))[1].astype(ms.int32)
-    sorted_rank = ops.tensor_scatter_update(pair_ids, order.reshape(-1, 1), pair_ids)
-    counts = ops.unsorted_segment_sum(ops.ones((pairs,), ms.int32), block_group, num_groups)
+    order = _CAST(_SORT(_CAST(block_group, ms.float32))[1], ms.int32)
+    sorted_rank = _SCATTER_UPDATE(pair_ids, order.reshape(-1, 1), pair_ids)
+    counts = _SEGMENT_SUM(_ONES_LIKE(block_group), block_group, num_groups)
     tiles = (counts + (tile - 1)) // tile
-    group_first_pair = ops.cumsum(counts, 0) - counts
-    group_first_tile = ops.cumsum(tiles, 0) - tiles
-    slot = (ops.gather(group_first_tile, block_group, 0) * tile + sorted_rank
-            - ops.gather(group_first_pair, block_group, 0))
-    pair_of_slot = ops.tensor_scatter_update(ops.full((capacity * tile,), pairs, dtype=ms.int32),
-                                             slot.reshape(-1, 1), pair_ids)
+    group_first_pair = _CUMSUM(counts, 0) - counts
+    group_first_tile = _CUMSUM(tiles, 0) - tiles
+    slot = _GATHER(group_first_tile, block_group, 0) * tile + sorted_rank - _GATHER(group_first_pair, block_group, 0)
+    pair_of_slot = _SCATTER_UPDATE(_ZEROS_LIKE(index_range(capacity * tile)) + pairs, slot.reshape(-1, 1), pair_ids)
     # a used tile's first row always holds a pair; unused tiles read group 0 (their rows are padding)
-    tile_group = ops.gather(ops.cat((block_group, ops.zeros((1,), ms.int32))), pair_of_slot[::tile], 0)
+    tile_group = _GATHER(_CONCAT_ROWS((block_group, _ZEROS_LIKE(block_group[:1]))), pair_of_slot[::tile], 0)
     return slot, pair_of_slot, tile_group
-
-
-class RowPermutation(nn.Cell):
-    """``x`` with a zero row appended, gathered by ``index``: rows of ``x`` moved to new places, index
-    ``len(x)`` giving a zero row. Each row of ``x`` goes to at most one place, so the backward is the
-    gather by ``inverse`` (the output row of each row of ``x``, or ``len(index)`` for none), not a
-    scatter-add (MindSpore's CPU UnsortedSegmentSum is several times slower than Gather).
-
-    Args:
-        index_pads (bool): ``index`` may hold ``len(x)``; when False, no zero row is appended to ``x``
-            (appending copies ``x``).
-        inverse_pads (bool): ``inverse`` may hold ``len(index)`` (some row of ``x`` goes nowhere);
-            when False, the backward appends no zero row to the output's gradient.
-
-    Inputs:
-        x (Tensor): ``(N, F)``.
-        index (Tensor): ``(M,)`` int32 in ``[0, N]``; ``inverse``: ``(N,)`` int32 in ``[0, M]``.
-
-    Outputs:
-        Tensor ``(M, F)``.
-    """
-
-    def __init__(self, index_pads=True, inverse_pads=True):
-        super().__init__()
-        self.index_pads = index_pads
-        self.inverse_pads = inverse_pads
-
-    def construct(self, x, index, inverse):
-        if self.index_pads:  # (both arms assign: see attention_math on branches in graph mode)
-            source = _CONCAT_ROWS((x, _ZEROS_LIKE(x[:1])))
-        else:
-            source = x
-        return _GATHER(source, index, 0)
-
-    def bprop(self, x, index, inverse, out, dout):
-        if self.inverse_pads:
-            source = _CONCAT_ROWS((dout, _ZEROS_LIKE(dout[:1])))
-        else:
-            source = dout
-        return _GATHER(source, inverse, 0), _ZEROS_LIKE(index), _ZEROS_LIKE(inverse)
 
 
 class SelectedTilePlan(TypedDict):
@@ -133,7 +119,7 @@ class SelectedTilePlan(TypedDict):
         tile_blocks: ``(R,)`` row of ``k_blocks`` / ``v_blocks`` each tile reads.
         tile_queries: ``(R * tile,)`` (KV head, query) row each tile row reads, ``Hkv*C`` for padding.
         softmax_from_tiles, tiles_from_softmax: the score and probability rows, both ways.
-        slots_from_tiles, tiles_from_slots: the output rows, both ways.
+        slots_from_tiles: the output rows (slot-major) from the tiles.
         key_bias: ``(Hkv*C*k,)`` row of the bias table of each pair: its last visible key offset + 1
             (all of a past block, up to the query in its own block, none of an empty slot).
     """
@@ -143,7 +129,6 @@ class SelectedTilePlan(TypedDict):
     softmax_from_tiles: Tensor
     tiles_from_softmax: Tensor
     slots_from_tiles: Tensor
-    tiles_from_slots: Tensor
     key_bias: Tensor
 
 
@@ -164,74 +149,84 @@ def selected_tile_plan(blocks, valid, first_block, position, num_blocks, blocks_
     """
     kv_heads, rows, count = blocks.shape
     pairs = kv_heads * rows * count  # pair (h, c, s): KV head h, query c, slot s
-    block = ops.minimum(first_block.reshape(1, -1, 1) + blocks, num_blocks - 1)
-    kv_head = ops.arange(0, kv_heads, dtype=ms.int32).reshape(-1, 1, 1)
+    block = _MINIMUM(first_block.reshape(1, -1, 1) + blocks, num_blocks - 1)
+    kv_head = index_range(kv_heads).reshape(-1, 1, 1)
     slot, pair_of_slot, tile_group = block_grouped_slots((block + kv_head * num_blocks).reshape(-1),
                                                          kv_heads * num_blocks, tile)
     tile_head = tile_group // num_blocks
     query_of_slot = pair_of_slot // count
     slot_of_pair = pair_of_slot - query_of_slot * count
-    head_ids = ops.arange(0, group, dtype=ms.int32)
+    head_ids = index_range(group)
     tiles_from_softmax = (query_of_slot.reshape(-1, 1) * group + head_ids.reshape(1, -1)) * count + \
         slot_of_pair.reshape(-1, 1)
-    slots_to_pairs = (pair_of_slot % count) * (kv_heads * rows) + pair_of_slot // count
-    last = ops.tile(position.reshape(1, -1, 1), (kv_heads, 1, 1)) - blocks * block_size
-    last = ops.where(valid, ops.minimum(last, block_size - 1), ops.full_like(last, -1))
+    last = _TILE(position.reshape(1, -1, 1), (kv_heads, 1, 1)) - blocks * block_size
+    last = _SELECT(valid, _MINIMUM(last, block_size - 1), _ZEROS_LIKE(last) - 1)
     return {
         "tile_blocks": tile_head * blocks_per_head + tile_group - tile_head * num_blocks,
         "tile_queries": query_of_slot,
         "softmax_from_tiles": (slot.reshape(kv_heads, rows, 1, count) * group
                                + head_ids.reshape(1, 1, -1, 1)).reshape(-1),
-        "tiles_from_softmax": ops.minimum(tiles_from_softmax, pairs * group).reshape(-1),  # padding: the zero row
+        "tiles_from_softmax": _MINIMUM(tiles_from_softmax, pairs * group).reshape(-1),  # padding: the zero row
         "slots_from_tiles": slot.reshape(kv_heads * rows, count).transpose(1, 0).reshape(-1),
-        "tiles_from_slots": ops.where(pair_of_slot < pairs, slots_to_pairs, pair_of_slot),
         "key_bias": last.reshape(-1) + 1,
     }
 
 
+@constexpr
+def _reach(total, block_slots, chunk, block, first_chunk):
+    """``(first, last, num_blocks)`` ranges of query chunks (``chunk_buckets``): block slots are in row
+    order, so a chunk ending at row ``c1`` reaches at most ``c1 // l' + (B - T // l')`` of them
+    (``packing.max_windows``)."""
+    return tuple((first, last, min(block_slots, last * chunk // block + block_slots - total // block))
+                 for first, last in chunk_buckets(first_chunk, -(-total // chunk)))
+
+
 class SelectedAttention(nn.Cell):
-    """Attention over the tokens of ``k`` selected blocks per query and KV group, grouped by block.
+    """Attention over the tokens of ``k`` selected blocks per query and KV group, grouped by block,
+    over a whole sequence.
 
     Keys and values are laid out block-major once per forward (:meth:`block_major`: every selection
     block of every segment as one row of ``l' * D`` values). A chunk's (query, slot) pairs are grouped
     by the block they read and the groups padded to tiles of ``tile_pairs(G)`` pairs
-    (:func:`selected_tile_plan`), so each tile reads one block: the scores are one batched matmul
-    ``(R, tile*G, Dq) @ (R, Dq, l')`` that reads every selected block once per tile, not once per
-    query. The scores move to (query, head) rows for the softmax over the ``k * l'`` keys and the
-    probabilities back to tiles (:class:`RowPermutation`); the outputs return to their queries and
-    are summed over the slots. Masked keys (after the query in its own block, and every key of an
-    empty slot) get probability 0. See ``docs/design.md``.
+    (:func:`selected_tile_plan`), so each tile reads one block: gather (each tile's block, each tile
+    row's query) -> matmul ``(R, tile*G, Dq) @ (R, Dq, l')`` -> softmax over each (query, head)'s
+    ``k * l'`` keys (in their own row layout and back) -> matmul with the values -> sum over the slots.
+    No key or value is copied per query. Masked keys (after the query in its own block, and every key
+    of an empty slot) get probability 0.
+
+    The query chunks from ``first_chunk`` on go through a graph loop (compiled once, whatever ``T``);
+    the forward keeps only the outputs and the backward recomputes each chunk's probabilities
+    (``docs/design.md``). Rows of earlier chunks are left 0.
 
     Args:
         config (NSAConfig): sizes.
+        first_chunk (int): the first query chunk computed here.
 
     Inputs:
-        q (Tensor): ``(C, H, Dq)`` a chunk of queries.
+        q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks; the padding selects nothing).
         k_blocks (Tensor): ``(Hkv * B, l' * Dq)`` from :meth:`block_major`; ``v_blocks``: ``(Hkv * B, l' * Dv)``.
-        blocks, valid (Tensor): ``(Hkv, C, k)`` selected in-segment block ids and slot validity.
-        first_block (Tensor): ``(C,)`` int32 block slot of the first block of each query's segment.
-        position (Tensor): ``(C,)`` int32 in-segment positions.
-        num_blocks (int): the block slots the chunk can read (those starting before its end); at most ``B``.
+        blocks, valid (Tensor): ``(T, Hkv, k)`` selected in-segment block ids and slot validity.
+        first_block, position (Tensor): ``(T,)`` int32 (``PackedLayout``).
 
     Outputs:
-        Tensor ``(C, H, Dv)``.
+        Tensor ``(T, H, Dv)``.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, first_chunk=0):
         super().__init__()
         self.block = config.select_block_size
+        self.chunk = config.query_chunk_size
+        self.first_chunk = first_chunk
+        self.kv_heads = config.num_kv_heads
+        self.group = config.group_size
+        self.count = config.select_block_count
         self.scale = config.scale
         self.tile = tile_pairs(config.group_size)
         # row r: 0 for key offsets < r, masked from r on (a slot whose last visible offset is r - 1)
         offsets = np.arange(self.block)
         self.bias_table = Tensor(np.where(offsets.reshape(1, -1) < np.arange(self.block + 1).reshape(-1, 1), 0.0,
                                           masked_score(config.ms_compute_dtype)).astype(np.float32))
-        # every (pair, head) row has a tile row, but tiles have padding rows: no zero row is needed
-        # when moving to the pairs (forward) nor when moving to the tiles (backward)
-        self.to_pairs = RowPermutation(index_pads=False, inverse_pads=True)
-        self.to_tiles = RowPermutation(index_pads=True, inverse_pads=False)
-        self.softmax = RowSoftmax()
-        self.bmm_transpose_b = ops.BatchMatMul(transpose_b=True)
+        self.query_rows = Tensor(np.arange(self.chunk, dtype=np.int32).reshape(-1, 1))
 
     def block_major(self, x, block_starts):
         """``x (T, Hkv, D)`` -> ``(Hkv * B, l' * D)``: block ``b`` of head ``h`` is row ``h * B + b``.
@@ -246,33 +241,97 @@ class SelectedAttention(nn.Cell):
         return ops.gather(x.reshape(total * kv_heads, dim), flat.reshape(-1), 0).reshape(
             kv_heads * count, self.block * dim)
 
-    def construct(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, num_blocks):
-        rows, heads, dim = q.shape
-        kv_heads, _, count = blocks.shape
-        group = heads // kv_heads
-        dim_v = v_blocks.shape[1] // self.block
-        plan = selected_tile_plan(blocks, valid, first_block, position, num_blocks, k_blocks.shape[0] // kv_heads,
-                                  group, self.tile, self.block)
+    def construct(self, q, k_blocks, v_blocks, blocks, valid, first_block, position):
+        total = q.shape[0]
+        q, blocks, valid, first_block, position = self._padded(q, blocks, valid, first_block, position)
+        out = ops.zeros((q.shape[0], q.shape[1], v_blocks.shape[1] // self.block), q.dtype)
+        for first, last, num_blocks in self._buckets(total, k_blocks.shape[0]):
+            j = Tensor(first, ms.int32)
+            while j < last:
+                rows = self.query_rows + j * self.chunk
+                plan, _, _, v_tiles, probs = self._tiles(q, k_blocks, v_blocks, blocks, valid, first_block, position,
+                                                         rows, num_blocks)
+                out = _SCATTER_UPDATE(out, rows, self._sum_over_slots(_BMM(probs, v_tiles), plan))
+                j = j + 1
+        return out[:total]
+
+    def bprop(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, out, dout):
+        total = q.shape[0]
+        rows_in = self._padded(q, blocks, valid, first_block, position)
+        q, blocks_rows, valid_rows, first_block_rows, position_rows = rows_in
+        out, dout = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
+        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(k_blocks), _ZEROS_LIKE(v_blocks)
+        for first, last, num_blocks in self._buckets(total, k_blocks.shape[0]):
+            j = Tensor(first, ms.int32)
+            while j < last:
+                rows = self.query_rows + j * self.chunk
+                plan, q_tiles, k_tiles, v_tiles, probs = self._tiles(q, k_blocks, v_blocks, blocks_rows, valid_rows,
+                                                                     first_block_rows, position_rows, rows, num_blocks)
+                # each tile row's output and its gradient (zero rows for padding)
+                d_out_tiles = self._to_tiles(_GATHER(dout, rows.reshape(-1), 0), plan)
+                row_term = row_dot(d_out_tiles, self._to_tiles(_GATHER(out, rows.reshape(-1), 0), plan))
+                d_scores = probs * (_BMM_TRANSPOSE_B(d_out_tiles, v_tiles) - _TILE(row_term, (1, 1, self.block)))
+                tiles = k_tiles.shape[0]
+                d_q = _SCATTER_UPDATE(d_q, rows, self._sum_over_slots(_BMM(d_scores, k_tiles) * self.scale, plan))
+                d_k = d_k + _SEGMENT_SUM(_BMM_TRANSPOSE_A(d_scores, q_tiles).reshape(tiles, -1), plan["tile_blocks"],
+                                         k_blocks.shape[0])
+                d_v = d_v + _SEGMENT_SUM(_BMM_TRANSPOSE_A(probs, d_out_tiles).reshape(tiles, -1), plan["tile_blocks"],
+                                         v_blocks.shape[0])
+                j = j + 1
+        return (d_q[:total], d_k, d_v, _ZEROS_LIKE(blocks), _ZEROS_LIKE(valid), _ZEROS_LIKE(first_block),
+                _ZEROS_LIKE(position))
+
+    def _padded(self, q, blocks, valid, first_block, position):
+        """The per-query inputs padded to whole chunks: the padding selects nothing."""
+        chunk = self.chunk
+        return (padded_rows(q, chunk), padded_rows(blocks, chunk), padded_rows(valid, chunk),
+                padded_rows(first_block, chunk), padded_rows(position, chunk))
+
+    def _buckets(self, total, block_rows):
+        """Static ``(first, last, num_blocks)`` ranges of the query chunks from ``first_chunk``, each
+        reading the block slots its range's last chunk can reach (``_reach``; ``T`` unpadded)."""
+        return _reach(total, block_rows // self.kv_heads, self.chunk, self.block, self.first_chunk)
+
+    def _tiles(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, rows, num_blocks):
+        """The plan of the chunk at ``rows`` over its first ``num_blocks`` block slots and its tiles:
+        queries (scaled), keys, values ``(R, ., .)`` and the probabilities ``(R, tile*G, l')`` (0 on
+        padding rows)."""
+        flat = rows.reshape(-1)
+        chosen = _GATHER(blocks, flat, 0).transpose(1, 0, 2)
+        used = _GATHER(valid, flat, 0).transpose(1, 0, 2)
+        kv_heads, chunk, count = chosen.shape
+        dim = q.shape[2]
+        plan = selected_tile_plan(chosen, used, _GATHER(first_block, flat, 0), _GATHER(position, flat, 0), num_blocks,
+                                  k_blocks.shape[0] // kv_heads, self.group, self.tile, self.block)
         tiles = plan["tile_blocks"].shape[0]
-        # gather: each tile's block, each tile row's query (scaled; a zero row for padding)
-        k_tiles = ops.gather(k_blocks, plan["tile_blocks"], 0).reshape(tiles, self.block, dim)
-        v_tiles = ops.gather(v_blocks, plan["tile_blocks"], 0).reshape(tiles, self.block, dim_v)
-        q_rows = q.reshape(rows, kv_heads, group * dim).transpose(1, 0, 2).reshape(kv_heads * rows, group * dim)
-        q_rows = ops.cat((q_rows * self.scale, ops.zeros((1, group * dim), q.dtype)), 0)
-        q_tiles = ops.gather(q_rows, plan["tile_queries"], 0).reshape(tiles, self.tile * group, dim)
-        # matmul, then the softmax over each (query, head)'s k * l' keys
-        scores = self.bmm_transpose_b(q_tiles, k_tiles).reshape(tiles * self.tile * group, self.block)
-        scores = self.to_pairs(scores, plan["softmax_from_tiles"], plan["tiles_from_softmax"])
-        scores = scores.reshape(kv_heads * rows, group, count * self.block)
-        bias = ops.gather(self.bias_table.astype(q.dtype), plan["key_bias"], 0)
-        probs = self.softmax(scores + ops.tile(bias.reshape(kv_heads * rows, 1, count * self.block), (1, group, 1)))
-        probs = self.to_tiles(probs.reshape(-1, self.block), plan["tiles_from_softmax"], plan["softmax_from_tiles"])
-        # matmul with the values, then the sum over the slots (one matmul with a row of ones)
-        out = ops.bmm(probs.reshape(tiles, self.tile * group, self.block), v_tiles)
-        out = self.to_pairs(out.reshape(tiles * self.tile, group * dim_v), plan["slots_from_tiles"],
-                            plan["tiles_from_slots"])
-        out = ops.matmul(ops.ones((1, count), out.dtype), out.reshape(count, kv_heads * rows * group * dim_v))
-        return out.reshape(kv_heads, rows, group, dim_v).transpose(1, 0, 2, 3).reshape(rows, heads, dim_v)
+        k_tiles = _GATHER(k_blocks, plan["tile_blocks"], 0).reshape(tiles, self.block, dim)
+        v_tiles = _GATHER(v_blocks, plan["tile_blocks"], 0).reshape(tiles, self.block, -1)
+        q_tiles = self._to_tiles(_GATHER(q, flat, 0) * self.scale, plan)
+        scores = _BMM_TRANSPOSE_B(q_tiles, k_tiles).reshape(-1, self.block)
+        # the softmax over each (query, head)'s k * l' keys, in rows of those keys (every row has a tile row)
+        scores = _GATHER(scores, plan["softmax_from_tiles"], 0).reshape(kv_heads * chunk, self.group, count * self.block)
+        bias = _GATHER(_CAST(self.bias_table, q.dtype), plan["key_bias"], 0)
+        probs = _SOFTMAX(scores + _TILE(bias.reshape(kv_heads * chunk, 1, count * self.block), (1, self.group, 1)))
+        probs = _GATHER(_with_zero_row(probs.reshape(-1, self.block)), plan["tiles_from_softmax"], 0)
+        return plan, q_tiles, k_tiles, v_tiles, probs.reshape(tiles, self.tile * self.group, self.block)
+
+    def _to_tiles(self, x, plan):
+        """``(C, H, F)`` per query and head -> ``(R, tile*G, F)`` per tile row (0 for padding rows)."""
+        chunk, heads, dim = x.shape
+        x = x.reshape(chunk, self.kv_heads, self.group * dim).transpose(1, 0, 2).reshape(-1, self.group * dim)
+        tiles = plan["tile_blocks"].shape[0]
+        return _GATHER(_with_zero_row(x), plan["tile_queries"], 0).reshape(tiles, self.tile * self.group, dim)
+
+    def _sum_over_slots(self, x, plan):
+        """``(R, tile*G, F)`` per tile row -> ``(C, H, F)``: each query's rows summed over its slots
+        (slot-major rows, then one matmul with a row of ones)."""
+        dim = x.shape[2]
+        count = self.count
+        rows = plan["slots_from_tiles"].shape[0] // count  # Hkv * C
+        x = _GATHER(x.reshape(-1, self.group * dim), plan["slots_from_tiles"], 0).reshape(count, -1)
+        x = _MATMUL(_ONES_LIKE(x[:, :1]).reshape(1, count), x)
+        chunk = rows // self.kv_heads
+        return x.reshape(self.kv_heads, chunk, self.group, dim).transpose(1, 0, 2, 3).reshape(chunk, -1, dim)
 
 
 class BlockMaskedSelectedAttention(nn.Cell):

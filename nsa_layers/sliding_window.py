@@ -6,7 +6,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from .attention_math import (attention_backward, attention_forward, attention_probs, column_tiled, group_queries,
-                             masked_score, ungroup_outputs, visibility_bias)
+                             masked_score, padded_rows, ungroup_outputs, visibility_bias)
 
 __all__ = ["SlidingWindowAttention", "window_chunk_size"]
 
@@ -44,7 +44,7 @@ class SlidingWindowAttention(nn.Cell):
         config (NSAConfig): sizes (``window_size``, ``query_chunk_size``, heads and head dims).
 
     Inputs:
-        q (Tensor): ``(T, H, Dq)``, ``T`` a multiple of ``query_chunk_size``.
+        q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks; the padding sees only itself).
         k (Tensor): ``(T, Hkv, Dq)``; ``v``: ``(T, Hkv, Dv)``.
         position (Tensor): ``(T,)`` int32 in-segment positions.
 
@@ -71,24 +71,27 @@ class SlidingWindowAttention(nn.Cell):
         self.v_front = Tensor(np.zeros((self.window - 1, config.num_kv_heads, config.v_head_dim), np.float32))
 
     def construct(self, q, k, v, position):
-        k_rows, v_rows = self._with_front(k, self.k_front), self._with_front(v, self.v_front)
+        total = q.shape[0]
+        q, position = padded_rows(q, self.chunk), padded_rows(position, self.chunk)
+        k_rows, v_rows = self._key_rows(k, self.k_front), self._key_rows(v, self.v_front)
         out = ops.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
-        chunks = q.shape[0] // self.chunk
         j = Tensor(0, ms.int32)
-        while j < chunks:
+        while j < q.shape[0] // self.chunk:
             rows = self.query_rows + j * self.chunk
             q_chunk, k_chunk, v_chunk, bias = self._chunk(q, k_rows, v_rows, position, j)
             out_chunk = attention_forward(q_chunk, k_chunk, v_chunk, bias, self.scale)[0]
             out = _SCATTER_UPDATE(out, rows, ungroup_outputs(out_chunk, self.chunk))
             j = j + 1
-        return out
+        return out[:total]
 
     def bprop(self, q, k, v, position, out, dout):
-        k_rows, v_rows = self._with_front(k, self.k_front), self._with_front(v, self.v_front)
+        total = q.shape[0]
+        q, position = padded_rows(q, self.chunk), padded_rows(position, self.chunk)
+        out, dout = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
+        k_rows, v_rows = self._key_rows(k, self.k_front), self._key_rows(v, self.v_front)
         d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(k_rows), _ZEROS_LIKE(v_rows)
-        chunks = q.shape[0] // self.chunk
         j = Tensor(0, ms.int32)
-        while j < chunks:
+        while j < q.shape[0] // self.chunk:
             rows = self.query_rows + j * self.chunk
             q_chunk, k_chunk, v_chunk, bias = self._chunk(q, k_rows, v_rows, position, j)
             probs = attention_probs(q_chunk, k_chunk, bias, self.scale)  # recomputed: the same as the forward's
@@ -100,10 +103,11 @@ class SlidingWindowAttention(nn.Cell):
             d_v = _SCATTER_ADD(d_v, key_rows, dv_chunk.transpose(1, 0, 2))
             j = j + 1
         front = self.window - 1
-        return d_q, d_k[front:], d_v[front:], _ZEROS_LIKE(position)
+        return d_q[:total], d_k[front:front + total], d_v[front:front + total], _ZEROS_LIKE(position[:total])
 
-    def _with_front(self, x, front):
-        return _CONCAT_ROWS((_CAST(front, x.dtype), x))
+    def _key_rows(self, x, front):
+        """``x`` with the ``w - 1`` rows ``front`` before the first chunk and the padding after the last."""
+        return _CONCAT_ROWS((_CAST(front, x.dtype), padded_rows(x, self.chunk)))
 
     def _grouped(self, x, rows):
         """Rows ``rows`` of ``(T, H, F)`` as grouped query rows ``(Hkv, G*C, F)``."""

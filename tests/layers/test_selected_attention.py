@@ -1,15 +1,11 @@
-"""The block-grouped layout of SelectedAttention: its bookkeeping (block_grouped_slots), the row
-permutation with its gather-only backward, and the row softmax with its hand-written backward."""
+"""The block-grouped layout of SelectedAttention: its bookkeeping (block_grouped_slots) and every
+index of its plan (selected_tile_plan)."""
 
 import numpy as np
-import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor
 from hypothesis import given, strategies as st
 
-from nsa_layers.attention_math import RowSoftmax
-from nsa_layers.selected_attention import RowPermutation, block_grouped_slots, selected_tile_plan, tile_pairs
-
-from helpers.common import grads, random_normal, run
+from nsa_layers.selected_attention import block_grouped_slots, selected_tile_plan, tile_pairs
 
 
 @st.composite
@@ -54,66 +50,6 @@ def test_tile_pairs_fill_about_64_query_rows():
     assert [tile_pairs(g) for g in (1, 2, 4, 8, 16, 32)] == [16, 16, 16, 8, 4, 4]
 
 
-@given(st.integers(1, 20), st.integers(1, 30), st.booleans(), st.booleans(), st.integers(0, 2 ** 31))
-def test_row_permutation_and_its_gradient(rows, out_rows, index_pads, inverse_pads, seed):
-    """Forward: ``x`` rows moved (index ``len(x)`` a zero row); gradient: the adjoint scatter, computed
-    here with NumPy's ``add.at`` from the index alone (the cell's backward uses the inverse). Without
-    ``index_pads`` every output row comes from ``x``; without ``inverse_pads`` every row of ``x`` goes
-    somewhere (the cases where the cell appends no zero row)."""
-    if not index_pads:
-        out_rows = min(out_rows, rows)
-    if not inverse_pads:
-        rows = min(rows, out_rows)
-    rng = np.random.default_rng(seed)
-    # each row of x to at most one output row
-    targets = rng.permutation(max(rows, out_rows))[:rows]
-    index = np.full(out_rows, rows, np.int32)
-    inverse = np.full(rows, out_rows, np.int32)
-    for r, t in enumerate(targets):
-        if t < out_rows:
-            index[t], inverse[r] = r, t
-    x = random_normal(rng, (rows, 3))
-    cot = random_normal(rng, (out_rows, 3))
-    padded = np.concatenate([x, np.zeros((1, 3), np.float32)])
-    assert index_pads or (index < rows).all()
-    assert inverse_pads or (inverse < out_rows).all()
-    permute = RowPermutation(index_pads, inverse_pads)
-    np.testing.assert_array_equal(permute(Tensor(x), Tensor(index), Tensor(inverse)).asnumpy(), padded[index])
-    expected = np.zeros((rows + 1, 3), np.float64)
-    np.add.at(expected, index, cot)
-    cot = Tensor(cot)
-
-    def loss(a, i, j):
-        return (permute(a, i, j) * cot).sum()
-    for mode in ("pynative", "graph"):
-        got = grads(mode, loss, 0, Tensor(x), Tensor(index), Tensor(inverse))
-        np.testing.assert_allclose(got.asnumpy(), expected[:rows], rtol=1e-6, atol=1e-6)
-
-
-def test_row_softmax_gradient_matches_autodiff_softmax(mode):
-    rng = np.random.default_rng(3)
-    x = random_normal(rng, (2, 3, 7), scale=3.0)
-    x[0, 1, 2:] = -1e30  # masked keys
-    cot = Tensor(random_normal(rng, x.shape))
-    softmax = RowSoftmax()
-
-    def loss(a):
-        return (softmax(a) * cot).sum()
-
-    def autodiff_loss(a):
-        return (ops.softmax(a, -1) * cot).sum()
-    got = grads(mode, loss, 0, Tensor(x))
-    expected = grads(mode, autodiff_loss, 0, Tensor(x))
-    np.testing.assert_allclose(run(mode, softmax, Tensor(x)).asnumpy(), ops.softmax(Tensor(x), -1).asnumpy(),
-                               rtol=1e-6)
-    np.testing.assert_allclose(got.asnumpy(), expected.asnumpy(), rtol=1e-5, atol=1e-6)
-    # and against the analytic formula in float64
-    p = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    c = cot.asnumpy().astype(np.float64)
-    np.testing.assert_allclose(got.asnumpy(), p * (c - (p * c).sum(-1, keepdims=True)), rtol=1e-5, atol=1e-6)
-
-
 def _numpy_tile_plan(blocks, valid, first_block, position, num_blocks, blocks_per_head, group, tile, block_size):
     """``selected_tile_plan`` written out with loops over the (query, slot) pairs: pairs grouped by
     (KV head, block), in pair order inside a group, each group in whole tiles of ``tile`` pairs."""
@@ -139,7 +75,6 @@ def _numpy_tile_plan(blocks, valid, first_block, position, num_blocks, blocks_pe
         used -= -len(members) // tile
     tiles_from_softmax = np.full(capacity * tile * group, pairs * group)
     softmax_from_tiles = np.zeros(pairs * group, np.int64)
-    tiles_from_slots = np.full(capacity * tile, pairs)
     slots_from_tiles = np.zeros(pairs, np.int64)
     key_bias = np.zeros(pairs, np.int64)
     for p in range(pairs):
@@ -147,14 +82,13 @@ def _numpy_tile_plan(blocks, valid, first_block, position, num_blocks, blocks_pe
         for g in range(group):
             tiles_from_softmax[slot[p] * group + g] = ((h * rows + c) * group + g) * count + s
             softmax_from_tiles[((h * rows + c) * group + g) * count + s] = slot[p] * group + g
-        tiles_from_slots[slot[p]] = s * kv_heads * rows + h * rows + c
         slots_from_tiles[s * kv_heads * rows + h * rows + c] = slot[p]
         last = min(position[c] - blocks[h, c, s] * block_size, block_size - 1) if valid[h, c, s] else -1
         key_bias[p] = last + 1
     return {"tile_blocks": tile_group // num_blocks * blocks_per_head + tile_group % num_blocks,
             "tile_queries": pair_of_slot // count, "softmax_from_tiles": softmax_from_tiles,
             "tiles_from_softmax": tiles_from_softmax, "slots_from_tiles": slots_from_tiles,
-            "tiles_from_slots": tiles_from_slots, "key_bias": key_bias}
+            "key_bias": key_bias}
 
 
 @given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 5), st.integers(1, 4), st.integers(1, 6),
