@@ -180,7 +180,8 @@ def test_gradients_are_finite_and_reach_every_parameter(mode):
         assert np.isfinite(g).all() and np.abs(g).max() > 1e-3 * max(1.0, np.abs(param.asnumpy()).max()), param.name
 
 
-@pytest.mark.parametrize("mode", ["pynative", pytest.param("graph", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
 def test_selected_branch_gradients_same_gathered_and_block_masked(mode):
     """The two formulations of the selected branch (grouped by block, through tile matmuls, row
     permutations and the row softmax; block-masked, through the masked-attention core) give the same

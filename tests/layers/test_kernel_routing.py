@@ -116,6 +116,7 @@ def _routed_case():
     kernel_routing.route_for.cache_clear()
 
 
+@pytest.mark.slow  # 20-30 s: the whole layer at paper sizes, three times
 def test_kernel_route_gives_the_exact_nsa(monkeypatch, routed_case):
     """Every branch through the kernels' contracts equals the float64 reference on the same
     selection, and that selection is the exact one (the composite path's)."""

@@ -131,6 +131,35 @@ def test_train_wrapper_runs_on_cpu():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("per_token", [False, True])
+def test_train_wrapper_gradient_norm_matches_independent_gradients(per_token):
+    """The wrapper's global gradient norm (before clipping) is the norm of the loss's gradients taken
+    independently (``value_and_grad`` of the token-mean loss), with MindFormers' mean loss and with
+    its per-token loss (numerator, denominator): the one-forward objective and its scaling."""
+    from nsa_layers.mindformers import NSATrainOneStepCell
+
+    net = build(tiny_config(calculate_per_token_loss=per_token))
+    net.set_train(True)
+    inputs = model_inputs(packed_rows(np.random.default_rng(7), 64, [[21, 43], [64]]))
+    args = (inputs["input_ids"], inputs["position_ids"], None, None, inputs["labels"], None, None,
+            inputs["loss_mask"], inputs["actual_seq_len"])
+
+    def mean_loss(*a):
+        out = net(*a)
+        return out[0] / out[1] if per_token else out[0]
+    expected_loss, grads = ms.value_and_grad(mean_loss, None, net.trainable_params())(*args)
+    expected_norm = np.sqrt(sum(float((g.asnumpy().astype(np.float64) ** 2).sum()) for g in grads))
+    wrapper = NSATrainOneStepCell(net, nn.AdamWeightDecay(net.trainable_params(), learning_rate=0.0),
+                                  use_clip_grad=True, scale_sense=4.0, calculate_per_token_loss=per_token)
+    loss, overflow, _, _, global_norm = wrapper(*args)
+    assert not bool(overflow.asnumpy())
+    np.testing.assert_allclose(float(loss.asnumpy().reshape(-1)[0]), float(expected_loss.asnumpy().reshape(-1)[0]),
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(global_norm.asnumpy()), expected_norm, rtol=1e-4)
+    assert expected_norm > 1e-3
+
+
+@pytest.mark.slow
 def test_layer_selection_probe_never_picks_future_or_other_documents():
     from nsa_layers.mindformers import LayerSelection
 
