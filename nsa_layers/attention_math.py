@@ -13,8 +13,10 @@ __all__ = ["MASKED", "masked_score", "index_range", "chunk_buckets", "padded_row
            "attention_backward", "MaskedAttention"]
 
 # Primitives, not ops.* functions, in what a graph-mode bprop calls: MindSpore 2.9 fails to compile
-# many ops.* functions there (their Python branches). A branch on static shapes compiles when both arms
-# assign (attention_backward); one without `else` does not (hence the unconditional tile in attention_probs).
+# many ops.* functions there (their Python branches). A branch on static shapes compiles in a function
+# only a bprop calls when both arms assign (attention_backward); one without `else` does not, nor any
+# branch in a function a forward calls too (hence the unconditional tile in attention_probs and
+# padded_rows; docs/design.md).
 _SOFTMAX = ops.Softmax(axis=-1)
 _CAST = ops.Cast()
 _LOGICAL_NOT = ops.LogicalNot()
