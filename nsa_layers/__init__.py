@@ -8,6 +8,8 @@
   and the building blocks (:class:`KVCompressor`, :class:`CompressedAttention`, :class:`BlockSelector`,
   :class:`SelectedAttention`, :class:`SlidingWindowAttention`, :class:`NSAGate`, :class:`GatedSum`,
   :class:`RotaryEmbedding`).
+- Decoding: :class:`NSADecoder` (prefill and steps of the core over an :class:`NSAKVCache`) and
+  :class:`NSASelfAttentionDecoder` (the same from hidden states).
 """
 
 from .config import NSAConfig
@@ -20,9 +22,11 @@ from .gate import GatedSum, NSAGate
 from .rotary import RotaryEmbedding
 from .attention import NativeSparseAttention, NSADetails
 from .self_attention import NSASelfAttention
+from .kv_cache import NSAKVCache
+from .decode import NSADecoder, NSASelfAttentionDecoder
 
 __version__ = "0.1.0"
 
 __all__ = ["NSAConfig", "KVCompressor", "CompressedAttention", "BlockSelector", "SelectedAttention",
            "SlidingWindowAttention", "NSAGate", "GatedSum", "RotaryEmbedding", "NativeSparseAttention",
-           "NSADetails", "NSASelfAttention"]
+           "NSADetails", "NSASelfAttention", "NSAKVCache", "NSADecoder", "NSASelfAttentionDecoder"]

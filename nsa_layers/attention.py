@@ -111,13 +111,13 @@ class NativeSparseAttention(nn.Cell):
         Inputs are checked before any work (``input_checks``); then the layout is built once, the
         branches run (on the Ascend kernels where ``kernel_routing`` allows) and are gated.
         """
-        self._check_inputs(q, k, v, gates)
+        self.check_inputs(q, k, v, gates)
         cfg = self.config
         total = q.shape[0]
         if total == 0:  # MindSpore's reductions reject empty inputs
             return self._no_tokens(q)
         dtype = cfg.ms_compute_dtype
-        kv = self._branch_kv(k, v)
+        kv = self.branch_kv(k, v)
         layout = packed_layout(actual_seq_len, total, cfg)
         prefix_sums = packing.host_prefix_sums(actual_seq_len, total)
         route = kernel_routing.kernel_route(cfg, total, prefix_sums)
@@ -199,7 +199,7 @@ class NativeSparseAttention(nn.Cell):
         """Attention over the ``w`` keys ending at each query, ``(T, H, Dv)``."""
         return self.sliding_window(q, kv_win[0], kv_win[1], layout["position"])
 
-    def _check_inputs(self, q, k, v, gates):
+    def check_inputs(self, q, k, v, gates):
         """Types, ranks, shapes and dtypes of the inputs, before any work (``input_checks``)."""
         cfg = self.config
         cell = "NativeSparseAttention"
@@ -209,7 +209,7 @@ class NativeSparseAttention(nn.Cell):
                         (rows, ("num_kv_heads", cfg.num_kv_heads), ("v_head_dim", cfg.v_head_dim)))
         check_float_input(cell, "gates", gates, (rows, ("num_heads", cfg.num_heads), ("branches", 3)))
 
-    def _branch_kv(self, k, v):
+    def branch_kv(self, k, v):
         """``{"cmp", "slc", "win"}`` -> ``(k, v)`` of each branch, in the compute dtype."""
         dtype = self.config.ms_compute_dtype
         if isinstance(k, (tuple, list)):

@@ -48,8 +48,14 @@ class KVCompressor(nn.Cell):
         total, heads, dim = x.shape
         slots = window_starts.shape[0]
         rows = window_rows_tensor(window_starts, self.block, total)
-        windows = ops.gather(x, rows.reshape(-1), 0).reshape(slots, self.block, heads, dim)
-        weight = self.weight.astype(x.dtype)
+        return self.compress_windows(ops.gather(x, rows.reshape(-1), 0).reshape(slots, self.block, heads, dim))
+
+    def compress_windows(self, windows):
+        """``(S, l, Hkv, D)`` windows of rows -> ``(S, Hkv, D)`` compressed rows (Eq. 7; what the cell
+        computes after gathering each window's rows, and what a decode step applies to the windows
+        that complete)."""
+        heads = windows.shape[2]
+        weight = self.weight.astype(windows.dtype)
         out = (windows * weight.reshape(1, self.block, heads, 1)).sum(axis=1)
         return self._add_position_bias(out, weight)
 

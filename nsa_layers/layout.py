@@ -26,7 +26,8 @@ from mindspore.ops import constexpr
 from .attention_math import column_tiled, row_tiled
 from .packing import max_windows, normalize_prefix_sums
 
-__all__ = ["PackedLayout", "packed_layout", "prefix_sums_tensor", "positions_tensor", "window_rows_tensor"]
+__all__ = ["PackedLayout", "packed_layout", "prefix_sums_tensor", "positions_tensor", "window_rows_tensor",
+           "windows_ended", "token_layout"]
 
 
 class PackedLayout(TypedDict):
@@ -72,7 +73,7 @@ def packed_layout(actual_seq_len, total, config):
     ends = prefix_sums_tensor(actual_seq_len, total)
     num_ends = ends.shape[0]
     block, stride, select = config.compress_block_size, config.compress_stride, config.select_block_size
-    segment, position, start, length = _token_layout(ends, total)
+    segment, position, start, length = token_layout(ends, total)
     window_slots = max_windows(total, num_ends, block, stride)
     window_starts, window_start_here = _slots_tensor(position, length, block, stride, window_slots)
     block_slots = max_windows(total, num_ends, 1, select)
@@ -84,7 +85,7 @@ def packed_layout(actual_seq_len, total, config):
         "position": position,
         "window_starts": window_starts,
         "first_window": _first_slot_tensor(window_start_here, start),
-        "windows_ended": ops.maximum(position - (block - 1 - stride), 0) // stride,
+        "windows_ended": windows_ended(position, block, stride),
         "block_starts": block_starts,
         "first_block": _first_slot_tensor(block_start_here, start),
         "chunks": chunks,
@@ -92,6 +93,12 @@ def packed_layout(actual_seq_len, total, config):
         "window_reach": tuple(min(window_slots, max_windows(c1, num_ends, block, stride)) for _, c1 in chunks),
         "block_reach": tuple(min(block_slots, max_windows(c1, num_ends, 1, select)) for _, c1 in chunks),
     }
+
+
+def windows_ended(position, block, stride):
+    """Compressed windows (``block`` tokens every ``stride``) of a segment that have ended at each
+    in-segment ``position``: window ``i`` has ended iff ``i * stride + block - 1 <= position``."""
+    return ops.maximum(position - (block - 1 - stride), 0) // stride
 
 
 @constexpr
@@ -117,10 +124,10 @@ def prefix_sums_tensor(actual_seq_len, total):
 
 def positions_tensor(actual_seq_len, total):
     """In-segment position of every token, ``(T,)`` int32, from prefix sums (any form the layers take)."""
-    return _token_layout(prefix_sums_tensor(actual_seq_len, total), total)[1]
+    return token_layout(prefix_sums_tensor(actual_seq_len, total), total)[1]
 
 
-def _token_layout(ends, total):
+def token_layout(ends, total):
     """Per-token ``(segment, position, start_row, segment_length)``, four ``(T,)`` int32 tensors, from a
     prefix-sum tensor with values in ``[0, total]`` in any order (see :func:`prefix_sums_tensor`)."""
     if total == 0:  # no tokens (MindSpore's max and min reject empty inputs)

@@ -21,7 +21,7 @@ from .attention_math import (MaskedAttention, chunk_buckets, column_tiled, index
 from .layout import window_rows_tensor
 
 __all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "SelectedTilePlan",
-           "selected_tile_plan", "block_grouped_slots", "selected_block_mask", "tile_pairs"]
+           "selected_tile_plan", "selected_key_limit", "block_grouped_slots", "selected_block_mask", "tile_pairs"]
 
 # primitives in what bprop calls (see attention_math)
 _GATHER = ops.Gather()
@@ -132,6 +132,22 @@ class SelectedTilePlan(TypedDict):
     key_bias: Tensor
 
 
+def selected_key_limit(blocks, valid, position, block_size):
+    """Last visible key offset inside each selected block: all ``l'`` keys of a past block, the keys
+    up to the query in its own block, none (``-1``) in an empty slot.
+
+    Args:
+        blocks, valid (Tensor): selected in-segment block ids and slot validity, any shape.
+        position (Tensor): the query's in-segment position, the shape of ``blocks`` (tiled).
+        block_size (int): ``l'``.
+
+    Returns:
+        int32 Tensor of the shape of ``blocks``, in ``[-1, l' - 1]`` (primitives only: bprops call it).
+    """
+    last = position - blocks * block_size
+    return _SELECT(valid, _MINIMUM(last, block_size - 1), _ZEROS_LIKE(last) - 1)
+
+
 def selected_tile_plan(blocks, valid, first_block, position, num_blocks, blocks_per_head, group, tile, block_size):
     """The :class:`SelectedTilePlan` of a query chunk: its (query, slot) pairs grouped by the block
     they read (:func:`block_grouped_slots`), and every permutation the branch applies.
@@ -159,8 +175,7 @@ def selected_tile_plan(blocks, valid, first_block, position, num_blocks, blocks_
     head_ids = index_range(group)
     tiles_from_softmax = (query_of_slot.reshape(-1, 1) * group + head_ids.reshape(1, -1)) * count + \
         slot_of_pair.reshape(-1, 1)
-    last = _TILE(position.reshape(1, -1, 1), (kv_heads, 1, 1)) - blocks * block_size
-    last = _SELECT(valid, _MINIMUM(last, block_size - 1), _ZEROS_LIKE(last) - 1)
+    last = selected_key_limit(blocks, valid, _TILE(position.reshape(1, -1, 1), (kv_heads, 1, 1)), block_size)
     return {
         "tile_blocks": tile_head * blocks_per_head + tile_group - tile_head * num_blocks,
         "tile_queries": query_of_slot,

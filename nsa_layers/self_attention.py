@@ -55,8 +55,20 @@ class NSASelfAttention(nn.Cell):
         if total == 0:  # no tokens: empty output, zero gradients (MindSpore's CPU MatMul leaves a product
             # over zero rows uninitialised, so the projections' weight gradients would be garbage)
             return ops.zeros((0, cfg.hidden_size), hidden_states.dtype)
-        x = hidden_states.astype(cfg.ms_compute_dtype)
         ends = prefix_sums_tensor(actual_seq_len, total)
+        positions = None
+        if self.rotary is not None:
+            positions = position_ids.reshape(-1) if position_ids is not None else positions_tensor(ends, total)
+        q, k, v, gates = self.core_inputs(hidden_states, positions)
+        return self.output(self.core(q, k, v, gates, ends), hidden_states.dtype)
+
+    def core_inputs(self, hidden_states, positions=None):
+        """``(q, k, v, gates)`` for the core from ``hidden_states (T, hidden)``: projections, the gate,
+        and the rotary hook at ``positions (T,)`` int32 (unused without a hook); ``k``/``v`` are
+        3-tuples with independent K/V."""
+        cfg = self.config
+        total = hidden_states.shape[0]
+        x = hidden_states.astype(cfg.ms_compute_dtype)
         q = self.q_proj(x).reshape(total, cfg.num_heads, cfg.head_dim)
         # one (T, Hkv, D) per set: a split, not a strided slice k[:, i] (slow on CPU)
         keys = [part.reshape(total, cfg.num_kv_heads, cfg.head_dim)
@@ -64,12 +76,13 @@ class NSASelfAttention(nn.Cell):
         values = [part.reshape(total, cfg.num_kv_heads, cfg.v_head_dim)
                   for part in ops.split(self.v_proj(x), cfg.num_kv_heads * cfg.v_head_dim, 1)]
         if self.rotary is not None:
-            positions = position_ids.reshape(-1) if position_ids is not None else positions_tensor(ends, total)
             q = self.rotary(q, positions)
             keys = [self.rotary(key, positions) for key in keys]
         if self.kv_sets == 3:
-            out = self.core(q, tuple(keys), tuple(values), self.gate(x), ends)
-        else:
-            out = self.core(q, keys[0], values[0], self.gate(x), ends)
-        out = self.out_proj(out.reshape(total, cfg.num_heads * cfg.v_head_dim))
-        return out.astype(hidden_states.dtype)
+            return q, tuple(keys), tuple(values), self.gate(x)
+        return q, keys[0], values[0], self.gate(x)
+
+    def output(self, out, dtype):
+        """The core's ``(T, H, Dv)`` output through the output projection, ``(T, hidden)`` in ``dtype``."""
+        cfg = self.config
+        return self.out_proj(out.reshape(out.shape[0], cfg.num_heads * cfg.v_head_dim)).astype(dtype)

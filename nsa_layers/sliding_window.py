@@ -8,7 +8,7 @@ from mindspore import Tensor, nn, ops
 from .attention_math import (attention_backward, attention_forward, attention_probs, column_tiled, group_queries,
                              masked_score, padded_rows, ungroup_outputs, visibility_bias)
 
-__all__ = ["SlidingWindowAttention", "window_chunk_size"]
+__all__ = ["SlidingWindowAttention", "window_chunk_size", "window_reach"]
 
 # queries per window chunk: each reads its own C + w - 1 keys, so small chunks waste fewer masked keys
 _WINDOW_CHUNK = 256
@@ -19,6 +19,12 @@ def window_chunk_size(config):
     (the core pads ``T`` to whole query chunks), else ``query_chunk_size``."""
     size = config.query_chunk_size
     return _WINDOW_CHUNK if size % _WINDOW_CHUNK == 0 else size
+
+def window_reach(position, window):
+    """How many rows back a query at in-segment ``position`` sees: ``min(position, w - 1)`` (the
+    ``w`` keys ending at it, none before its segment's start). Primitives only: bprops call it."""
+    return _MINIMUM(position, window - 1)
+
 
 # primitives in what bprop calls (see attention_math)
 _GATHER = ops.Gather()
@@ -117,7 +123,7 @@ class SlidingWindowAttention(nn.Cell):
         """Chunk ``j``'s grouped queries, its ``C + w - 1`` head-major key and value rows, and the bias."""
         key_rows = (self.key_rows + j * self.chunk).reshape(-1)
         rows = (self.query_rows + j * self.chunk).reshape(-1)
-        reach = _MINIMUM(_GATHER(position, rows, 0), self.window - 1)
+        reach = window_reach(_GATHER(position, rows, 0), self.window)
         # a key at distance 0 .. min(position, w - 1) rows back: in the window and, since the query's
         # segment starts `position` rows back, in its segment (no segment-id comparison)
         visible = self.distance <= column_tiled(reach, self.keys)

@@ -93,7 +93,7 @@ def test_tensor_versions_match_host_versions(mode, raw):
 def test_layout_of_no_tokens_is_empty(mode):
     """T = 0: four empty int32 tensors (MindSpore's max and min reject empty inputs)."""
     def fn(ends):
-        return layout._token_layout(ends, 0)  # pylint: disable=protected-access
+        return layout.token_layout(ends, 0)
 
     tokens = run(mode, fn, ms.Tensor(np.array([0], np.int32)))
     assert [(x.shape, x.dtype) for x in tokens] == [((0,), ms.int32)] * 4

@@ -1,0 +1,92 @@
+"""The NSA decode state of one layer: every branch's keys and values for ``B`` sequence slots, in
+static-shape buffers updated in place (MindSpore ``Parameter``s), so that a compiled decode step is
+compiled once whatever the sequences' lengths (they are int32 data)."""
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn
+
+__all__ = ["NSAKVCache", "compressed_rows"]
+
+
+def compressed_rows(max_len, block, stride):
+    """Compressed windows a sequence of up to ``max_len`` tokens can complete, at least 1:
+    ``(max_len - l) // d + 1`` (window ``i`` covers positions ``i*d .. i*d + l - 1``)."""
+    return max(1, (max_len - block) // stride + 1)
+
+
+class NSAKVCache(nn.Cell):
+    """Static-shape keys and values of the three NSA branches for ``B`` slots of up to ``max_len`` tokens.
+
+    Every buffer is a ``Parameter`` (``requires_grad=False``) of ``(rows * Hkv, D)``: row ``r`` of slot
+    ``b`` and KV head ``h`` is ``(b * R + r) * Hkv + h``, so a decode step writes and reads single
+    rows in place (``ScatterUpdate`` / ``Gather``; no copy of a buffer per step). What is stored:
+
+    - ``k_selected``, ``v_selected``: the selected branch's K/V history, ``R = max_len`` rows per slot,
+      row = position. With shared K/V (``independent_kv=False``) the window branch and the compressor
+      read it too and nothing else is stored raw.
+    - ``k_window``, ``v_window`` (independent K/V only): a ring of the window branch's last
+      ``w - 1 + max_step_tokens`` K/V, row = ``position % R``: enough for a step's first query to see
+      its ``w - 1`` keys back after the step wrote its tokens.
+    - ``k_tail``, ``v_tail`` (independent K/V only): a ring of the compressor's last
+      ``l - 1 + max_step_tokens`` raw K/V, the rows of windows not yet compressed.
+    - ``k_compressed``, ``v_compressed``: compressed K/V, :func:`compressed_rows` rows per slot
+      (row = window index), then one scratch row (``B * W``) that absorbs a step's writes for
+      tokens that complete no window (never read).
+    - ``lengths``: ``(B,)`` int32 tokens stored per slot.
+
+    Keys are stored as the branches take them: after the rotary hook of ``NSASelfAttention``
+    (queries and keys are rotated at their in-segment positions before compression), and the
+    compressed K/V after compression (and the value position embedding). Rows beyond a slot's
+    length (or a ring's reach) hold stale or garbage values that every read masks by position.
+
+    Args:
+        config (NSAConfig): the layer's sizes.
+        batch_slots (int): ``B``, sequences decoded at once.
+        max_len (int): tokens per slot, prompt included.
+        max_step_tokens (int): most tokens a slot takes in one decode step (sizes the rings).
+    """
+
+    def __init__(self, config, batch_slots, max_len, max_step_tokens=1):
+        super().__init__()
+        for name, value in (("batch_slots", batch_slots), ("max_len", max_len), ("max_step_tokens", max_step_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"NSAKVCache: '{name}' must be a positive int, but got {value!r}.")
+        self.config = config
+        self.batch_slots, self.max_len, self.max_step_tokens = batch_slots, max_len, max_step_tokens
+        self.kv_heads = config.num_kv_heads
+        self.windows = compressed_rows(max_len, config.compress_block_size, config.compress_stride)
+        self.independent_kv = config.independent_kv
+        dims = {"k": config.head_dim, "v": config.v_head_dim}
+        self.lengths = Parameter(Tensor(np.zeros((batch_slots,), np.int32)), name="lengths", requires_grad=False)
+        self.k_selected, self.v_selected = (self._buffer(f"{kind}_selected", max_len, dims[kind]) for kind in "kv")
+        # rows per slot of the window branch's and the compressor's sources (the history when shared)
+        self.window_rows = max_len
+        self.tail_rows = max_len
+        if self.independent_kv:
+            self.window_rows = min(max_len, config.window_size - 1 + max_step_tokens)
+            self.tail_rows = min(max_len, config.compress_block_size - 1 + max_step_tokens)
+            self.k_window, self.v_window = (self._buffer(f"{kind}_window", self.window_rows, dims[kind]) for kind in "kv")
+            self.k_tail, self.v_tail = (self._buffer(f"{kind}_tail", self.tail_rows, dims[kind]) for kind in "kv")
+        self.k_compressed, self.v_compressed = (self._buffer(f"{kind}_compressed", self.windows, dims[kind], scratch=1)
+                                                for kind in "kv")
+
+    def _buffer(self, name, rows, dim, scratch=0):
+        shape = ((self.batch_slots * rows + scratch) * self.kv_heads, dim)
+        return Parameter(Tensor(np.zeros(shape, np.float32), self.config.ms_compute_dtype), name=name,
+                         requires_grad=False)
+
+    def window_source(self):
+        """``(k, v, rows per slot)`` the window branch reads."""
+        if self.independent_kv:
+            return self.k_window, self.v_window, self.window_rows
+        return self.k_selected, self.v_selected, self.max_len
+
+    def tail_source(self):
+        """``(k, v, rows per slot)`` the compressor reads."""
+        if self.independent_kv:
+            return self.k_tail, self.v_tail, self.tail_rows
+        return self.k_selected, self.v_selected, self.max_len
+
+    def host_lengths(self):
+        """``lengths`` as a NumPy array (a device read)."""
+        return self.lengths.asnumpy()
