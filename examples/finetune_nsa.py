@@ -46,6 +46,7 @@ def parse_args(argv=None):
                              "--set nsa_window_size=128 (repeatable)")
     parser.add_argument("--out-dir", default=os.path.join("output", "finetune_nsa"),
                         help="where the checkpoint and the PNG go")
+    parser.add_argument("--new-tokens", type=int, default=60, help="greedy continuation length of the held-out prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="keep MindSpore's and MindFormers' logs on the console")
     return parser.parse_args(argv)
@@ -229,6 +230,31 @@ def selection_picture(net, rows, row_index, path, select_block_size):
 
 
 # ----------------------------------------------------------------------------------------- main
+PROMPT_BYTES = 100
+
+
+def held_out_prompt(rows, length):
+    """The first ``length`` bytes (at most) of the first held-out document."""
+    first_end = int(rows["actual_seq_len"][0][0])
+    return rows["input_ids"][0, :min(length, first_end)].astype(np.int32)
+
+
+def continuation(net, prompt, new_tokens):
+    """Greedy continuation of ``prompt`` through MindFormers' ``generate`` with the NSA cache, and the
+    decode speed in tokens per second (its steps after the first, which compiles)."""
+    training = net.training
+    net.set_train(False)
+    out = net.generate(prompt.reshape(1, -1), max_new_tokens=new_tokens, do_sample=False)[0]
+    net.set_train(training)
+    timing = net.nsa_generation_timing
+    return out[prompt.size:], (timing["steps"] - 1) / max(1e-9, timing["step_s"] - timing["first_step_s"])
+
+
+def as_text(tokens):
+    """Byte tokens as a printable one-line string (padding and invalid UTF-8 shown escaped)."""
+    return repr(bytes(int(t) for t in tokens if t < 256).decode("utf-8", errors="replace"))
+
+
 def quiet_mindformers_console():
     """MindFormers logs every converted config key to the console; keep its console output to errors
     (its log files under ``output/log`` still get everything)."""
@@ -274,6 +300,8 @@ def main(argv=None):
     trainer = Trainer(net, cfg)
     before = evaluate(trainer, eval_rows, batch_size)
     print(f"held-out loss before training: {before:.4f} (uniform guess: {np.log(model_cfg.vocab_size):.4f})")
+    prompt = held_out_prompt(eval_rows, PROMPT_BYTES)
+    continuation_before, _ = continuation(net, prompt, args.new_tokens)
 
     losses, tokens = [], batch_size * seq_length
     bar = tqdm(range(args.steps), desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
@@ -303,6 +331,12 @@ def main(argv=None):
     print(f"checkpoint: {ckpt}; reloaded into a fresh model ({len(not_loaded)} parameters not loaded): "
           f"held-out loss {reloaded:.6f} vs {after:.6f} before saving -> "
           f"{'same' if abs(reloaded - after) <= 1e-6 * max(1.0, abs(after)) else 'DIFFERENT'}")
+
+    continuation_after, speed = continuation(net, prompt, args.new_tokens)
+    print(f"held-out prompt ({prompt.size} bytes): {as_text(prompt)}")
+    print(f"  greedy continuation before training: {as_text(continuation_before)}")
+    print(f"  greedy continuation after training:  {as_text(continuation_after)}")
+    print(f"  decode with the NSA cache: {speed:.1f} tokens/s (batch 1, after compilation)")
 
     documents_per_row = (eval_rows["actual_seq_len"] < seq_length).sum(1)
     png = selection_picture(net, eval_rows, int(np.argmax(documents_per_row)), os.path.join(args.out_dir, "nsa_selection.png"),

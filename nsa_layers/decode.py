@@ -73,7 +73,7 @@ class NSAPrefill(nn.Cell):
     """
 
     def __init__(self, core, cache):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # the core's parameter names stay the layer's
         self.core = core
         self.cache = cache
 
@@ -93,13 +93,14 @@ class NSAPrefill(nn.Cell):
         if cache.independent_kv:
             self._fill_ring(cache.k_window, cache.v_window, cache.window_rows, kv["win"], starts, lengths, slots)
             self._fill_ring(cache.k_tail, cache.v_tail, cache.tail_rows, kv["cmp"], starts, lengths, slots)
-        # every window row of the slot, from the sequence's rows (rows of windows it has not completed
-        # are garbage, never visible)
+        # the first window rows of the slot, as many as T tokens can complete, from the sequence's
+        # rows (rows of windows it has not completed hold garbage, never visible)
         block, stride = cfg.compress_block_size, cfg.compress_stride
-        window_ids = ops.arange(0, cache.windows, dtype=ms.int32)
-        first_rows = column_tiled(starts, cache.windows) + row_tiled(window_ids * stride, starts.shape[0])
+        count = min(cache.windows, max(1, (total - block) // stride + 1))
+        window_ids = ops.arange(0, count, dtype=ms.int32)
+        first_rows = column_tiled(starts, count) + row_tiled(window_ids * stride, starts.shape[0])
         rows = ops.minimum(first_rows.reshape(-1, 1) + ops.arange(0, block, dtype=ms.int32).reshape(1, -1), total - 1)
-        target = _head_rows(column_tiled(slots, cache.windows) * cache.windows + row_tiled(window_ids, slots.shape[0]),
+        target = _head_rows(column_tiled(slots, count) * cache.windows + row_tiled(window_ids, slots.shape[0]),
                             cache.kv_heads).reshape(-1, cache.kv_heads)
         k_rows, v_rows = ops.gather(kv["cmp"][0], rows.reshape(-1), 0), ops.gather(kv["cmp"][1], rows.reshape(-1), 0)
         shape = (rows.shape[0], block, cfg.num_kv_heads)
@@ -144,7 +145,7 @@ class NSADecodeStep(nn.Cell):
     """
 
     def __init__(self, core, cache):
-        super().__init__()
+        super().__init__(auto_prefix=False)  # the core's parameter names stay the layer's
         cfg = core.config
         self.core = core
         self.cache = cache
@@ -279,11 +280,12 @@ class NSADecoder:
         batch_slots (int): ``B``.
         max_len (int): tokens per slot.
         max_step_tokens (int): most tokens a slot takes in one step.
+        name (str, optional): prefix of the cache's parameter names (see :class:`NSAKVCache`).
     """
 
-    def __init__(self, core, batch_slots, max_len, max_step_tokens=1):
+    def __init__(self, core, batch_slots, max_len, max_step_tokens=1, name=None):
         self.core = core
-        self.cache = NSAKVCache(core.config, batch_slots, max_len, max_step_tokens)
+        self.cache = NSAKVCache(core.config, batch_slots, max_len, max_step_tokens, name)
         self.prefill_cell = NSAPrefill(core, self.cache)
         self.step_cell = NSADecodeStep(core, self.cache)
 
@@ -370,7 +372,7 @@ class _SelfAttentionPrefill(nn.Cell):
     """:class:`NSAPrefill` from hidden states: projections and rotary at in-sequence positions."""
 
     def __init__(self, attention, core_prefill):
-        super().__init__()
+        super().__init__(auto_prefix=False)
         self.attention = attention
         self.core_prefill = core_prefill
 
@@ -385,7 +387,7 @@ class _SelfAttentionStep(nn.Cell):
     """:class:`NSADecodeStep` from hidden states: projections and rotary at the cache positions."""
 
     def __init__(self, attention, core_step):
-        super().__init__()
+        super().__init__(auto_prefix=False)
         self.attention = attention
         self.core_step = core_step
 
@@ -403,12 +405,12 @@ class NSASelfAttentionDecoder:
 
     Args:
         attention (NSASelfAttention): the layer.
-        batch_slots, max_len, max_step_tokens: as :class:`NSADecoder`.
+        batch_slots, max_len, max_step_tokens, name: as :class:`NSADecoder`.
     """
 
-    def __init__(self, attention, batch_slots, max_len, max_step_tokens=1):
+    def __init__(self, attention, batch_slots, max_len, max_step_tokens=1, name=None):
         self.attention = attention
-        self.core_decoder = NSADecoder(attention.core, batch_slots, max_len, max_step_tokens)
+        self.core_decoder = NSADecoder(attention.core, batch_slots, max_len, max_step_tokens, name)
         self.cache = self.core_decoder.cache
         self.prefill_cell = _SelfAttentionPrefill(attention, self.core_decoder.prefill_cell)
         self.step_cell = _SelfAttentionStep(attention, self.core_decoder.step_cell)

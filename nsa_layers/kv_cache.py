@@ -2,6 +2,8 @@
 static-shape buffers updated in place (MindSpore ``Parameter``s), so that a compiled decode step is
 compiled once whatever the sequences' lengths (they are int32 data)."""
 
+import itertools
+
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
@@ -44,20 +46,27 @@ class NSAKVCache(nn.Cell):
         batch_slots (int): ``B``, sequences decoded at once.
         max_len (int): tokens per slot, prompt included.
         max_step_tokens (int): most tokens a slot takes in one decode step (sizes the rings).
+        name (str, optional): prefix of the buffers' parameter names (``{name}.k_selected``, ...),
+            unique in a graph; default ``nsa_cache_{i}`` with ``i`` counting the caches made.
     """
 
-    def __init__(self, config, batch_slots, max_len, max_step_tokens=1):
-        super().__init__()
-        for name, value in (("batch_slots", batch_slots), ("max_len", max_len), ("max_step_tokens", max_step_tokens)):
+    _made = itertools.count()
+
+    def __init__(self, config, batch_slots, max_len, max_step_tokens=1, name=None):
+        super().__init__(auto_prefix=False)
+        for argument, value in (("batch_slots", batch_slots), ("max_len", max_len),
+                                ("max_step_tokens", max_step_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"NSAKVCache: '{name}' must be a positive int, but got {value!r}.")
+                raise ValueError(f"NSAKVCache: '{argument}' must be a positive int, but got {value!r}.")
         self.config = config
+        self.prefix = name if name is not None else f"nsa_cache_{next(NSAKVCache._made)}"
         self.batch_slots, self.max_len, self.max_step_tokens = batch_slots, max_len, max_step_tokens
         self.kv_heads = config.num_kv_heads
         self.windows = compressed_rows(max_len, config.compress_block_size, config.compress_stride)
         self.independent_kv = config.independent_kv
         dims = {"k": config.head_dim, "v": config.v_head_dim}
-        self.lengths = Parameter(Tensor(np.zeros((batch_slots,), np.int32)), name="lengths", requires_grad=False)
+        self.lengths = Parameter(Tensor(np.zeros((batch_slots,), np.int32)), name=f"{self.prefix}.lengths",
+                                 requires_grad=False)
         self.k_selected, self.v_selected = (self._buffer(f"{kind}_selected", max_len, dims[kind]) for kind in "kv")
         # rows per slot of the window branch's and the compressor's sources (the history when shared)
         self.window_rows = max_len
@@ -72,8 +81,8 @@ class NSAKVCache(nn.Cell):
 
     def _buffer(self, name, rows, dim, scratch=0):
         shape = ((self.batch_slots * rows + scratch) * self.kv_heads, dim)
-        return Parameter(Tensor(np.zeros(shape, np.float32), self.config.ms_compute_dtype), name=name,
-                         requires_grad=False)
+        return Parameter(Tensor(np.zeros(shape, np.float32), self.config.ms_compute_dtype),
+                         name=f"{self.prefix}.{name}", requires_grad=False)
 
     def window_source(self):
         """``(k, v, rows per slot)`` the window branch reads."""

@@ -68,6 +68,9 @@ class _NSAHostAttention:
             raise TypeError(f"{type(self).__name__}: the core_attention submodule must build a "
                             f"NativeSparseAttention (e.g. NSACoreAttention), got {type(self.core_attention).__name__}.")
         self.gate = build_module(submodules.gate, self.hidden_size, self.num_heads)
+        # the layer's NSAPrefill / NSADecodeStep while a cached generation runs (``generation``)
+        self.nsa_prefill = None
+        self.nsa_step = None
         self.independent_kv = self.core_attention.config.independent_kv
         if self.independent_kv:
             # keys and values of the compressed and the window branches; the selected branch uses the
@@ -86,8 +89,26 @@ class _NSAHostAttention:
         """
         if prefix_keys_values is not None:
             raise NotImplementedError("GPTNSASelfAttention: prefix_keys_values is not supported.")
+        if isinstance(actual_seq_len, tuple):  # a decode request of the cached generation
+            return self._decode(hidden_states, rotary_pos_emb, actual_seq_len)
         seq_len, bs, _ = self.shape(hidden_states)
         out = self.core_attention(*self._core_inputs(hidden_states, rotary_pos_emb, actual_seq_len))
+        return self._output(out, hidden_states, seq_len, bs)
+
+    def _decode(self, hidden_states, rotary_pos_emb, request):
+        """New tokens ``hidden_states (T, 1, hidden)`` through the layer's cache: ``request`` is
+        ``(ends, slots)`` (prefill, :class:`~nsa_layers.decode.NSAPrefill`) or ``(counts,)`` (a step,
+        :class:`~nsa_layers.decode.NSADecodeStep`); ``rotary_pos_emb`` holds each token's rotary row."""
+        seq_len, bs, _ = self.shape(hidden_states)
+        q, k, v, gates, _ = self._core_inputs(hidden_states, rotary_pos_emb, None)
+        if len(request) == 2:
+            out = self.nsa_prefill(q, k, v, gates, request[0], request[1])["out"]
+        else:
+            out = self.nsa_step(q, k, v, gates, request[0])["out"]
+        return self._output(out, hidden_states, seq_len, bs)
+
+    def _output(self, out, hidden_states, seq_len, bs):
+        """The core's TND output back to ``(S, B, hidden)`` through ``linear_proj``: ``(output, bias)``."""
         out = self.bs_transpose(self.reshape(out, (bs, seq_len, -1)), (1, 0, 2))
         output, bias = self.linear_proj(self.cast(out, self.compute_dtype))
         return self.cast(output, hidden_states.dtype), bias

@@ -1,9 +1,10 @@
 """What MindFormers' graph-mode GPT model and train wrapper need to run on the CPU backend.
 
-Three Ascend-only kernels stop them there (found by running them, see the README): the rotary
-embedding's ``Outer``, the embedding's backward (``EmbeddingDenseBackward``) and the train wrapper's
-overflow status (``NPUGetFloatStatusV2``). The swaps below replace them per instance, with the same
-results, and only where the device is CPU; nothing is patched globally.
+Four kernels without a CPU implementation stop them there (found by running them): the rotary
+embedding's ``Outer``, the embedding's backward (``EmbeddingDenseBackward``), the train wrapper's
+overflow status (``NPUGetFloatStatusV2``) and generation's greedy ``ArgMaxExt``. The swaps below
+replace them per instance, with the same results, and only where the device is CPU; nothing is
+patched globally.
 """
 
 import mindspore as ms
@@ -44,13 +45,22 @@ class _GatherEmbedding:
         return self.reshape(out, (bs, -1, weight.shape[1]))
 
 
+def _argmax(x, dim=-1):
+    """``mint.argmax(x, dim)`` as the ``Argmax`` primitive (``ArgMaxExt`` has no CPU kernel)."""
+    return P.Argmax(axis=dim, output_type=ms.int32)(x)
+
+
 def apply_cpu_swaps(network):
     """Swap the CPU-missing kernels inside a built MindFormers graph-mode model, in place.
 
     Rotary embeddings get a broadcast outer product; embeddings without tensor parallelism get an
-    ``ops.gather`` body. Returns the names of the swapped attributes (each once).
+    ``ops.gather`` body; generation's greedy ``argmax`` gets the ``Argmax`` primitive. Returns the
+    names of the swapped attributes (each once).
     """
     done = []
+    if hasattr(network, "argmax"):
+        network.argmax = _argmax
+        done.append("GenerationMixin.argmax")
     for _, cell in network.cells_and_names():
         if isinstance(cell, RotaryEmbedding):
             cell.outer = _OuterProduct()

@@ -9,13 +9,14 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .configuration import NSAQwen3Config
 from . import cpu
+from .generation import CachedGeneration
 from .spec import get_nsa_layer_spec
 
 __all__ = ["NSAQwen3ForCausalLM"]
 
 
 @MindFormerRegister.register(MindFormerModuleType.MODELS, legacy=False)
-class NSAQwen3ForCausalLM(TrainingQwen3ForCausalLM):
+class NSAQwen3ForCausalLM(CachedGeneration, TrainingQwen3ForCausalLM):
     """Qwen3 (graph-mode training track) with NSA in every layer: ``GPTModel`` built from
     :func:`~nsa_layers.mindformers.get_nsa_layer_spec`.
 
@@ -27,6 +28,9 @@ class NSAQwen3ForCausalLM(TrainingQwen3ForCausalLM):
 
     On CPU the instance swaps of :func:`~nsa_layers.mindformers.apply_cpu_swaps` are applied (listed in
     ``self.cpu_swaps``); on Ascend nothing is changed.
+
+    ``generate`` is MindFormers' own, with the NSA KV cache (``nsa_layers.mindformers.generation``;
+    ``nsa_cache = False`` for the cache-free path).
 
     Inputs and outputs: those of MindFormers' ``TrainingQwen3ForCausalLM`` (``input_ids (B, S)``,
     ``labels``, ``loss_mask``, ``position_ids``, ``actual_seq_len``; losses in training, logits

@@ -1,5 +1,6 @@
 """The examples run end to end (what ``make demo`` runs)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +20,20 @@ def test_compress_packed_batch_example(extra, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_nsa_example_shortened(tmp_path):
-    """`make demo`'s script end to end, shortened: trains, saves, reloads (same loss), draws the PNG."""
+    """`make demo`'s script end to end, shortened: trains, saves, reloads (same loss), continues a
+    held-out prompt before and after training with the NSA cache, draws the PNG."""
     from PIL import Image
 
     out_dir = tmp_path / "run"
     result = subprocess.run([sys.executable, str(EXAMPLES / "finetune_nsa.py"), "--steps", "3", "--seq-length", "128",
-                             "--out-dir", str(out_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                             "--new-tokens", "8", "--out-dir", str(out_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
                             check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "NSAQwen3ForCausalLM" in out and "documents per row" in out
     assert "reloaded into a fresh model (0 parameters not loaded)" in out and "-> same" in out
+    assert "greedy continuation before training: '" in out and "greedy continuation after training:  '" in out
+    assert re.search(r"decode with the NSA cache: \d+\.\d tokens/s", out), out[-2000:]
     png = out_dir / "nsa_selection.png"
     assert f"selection picture: {png}" in out
     with Image.open(png) as image:

@@ -11,6 +11,7 @@ from mindspore import Tensor
 from nsa_layers import NSASelfAttention, RotaryEmbedding
 from nsa_layers.decode import NSADecoder, NSASelfAttentionDecoder
 
+from helpers import nsa_reference
 from helpers.nsa_cases import Case, small_config
 
 FIELDS = ("out", "o_cmp", "o_slc", "o_win")
@@ -71,25 +72,49 @@ class Decoding:
         s = self.slot_seq[slot]
         return self.case.lengths[s] - self.next_row[s]
 
-    def check(self, sequence):
-        """The sequence's decoded rows against ``forward_with_details`` on the whole sequence alone."""
+    def check(self, sequence, near_ties=False):
+        """The sequence's decoded rows against ``forward_with_details`` on the whole sequence alone:
+        every output to float32 rounding, blocks and valid exactly. With ``near_ties``, a (row, KV
+        head) whose blocks differ is accepted when the blocks swapped have the same float64 importance
+        (a near-tie that float32 rounding decides either way); such rows are rare and their outputs
+        are not compared (they attend to another block)."""
         length = self.next_row[sequence]
         q, k, v, gates = self._inputs([(sequence, 0, length)])
         full = self.case.net.forward_with_details(q, k, v, gates, None)
         got = {name: np.concatenate(parts) for name, parts in self.rows[sequence].items()}
+        valid = full["valid"].asnumpy()
+        np.testing.assert_array_equal(got["valid"], valid)
+        blocks, expected_blocks = np.where(valid, got["blocks"], -1), np.where(valid, full["blocks"].asnumpy(), -1)
+        flipped = np.argwhere(np.any(np.sort(blocks, axis=2) != np.sort(expected_blocks, axis=2), axis=2))
+        if near_ties and flipped.size:
+            self._check_near_ties(sequence, length, flipped, blocks, expected_blocks)
+        compared = np.setdiff1d(np.arange(length), flipped[:, 0]) if near_ties else np.arange(length)
+        np.testing.assert_array_equal(blocks[compared], expected_blocks[compared])  # best first
         for name in FIELDS:
             expected = full[name].asnumpy()
             scale = max(1.0, float(np.abs(expected).max()))
-            np.testing.assert_allclose(got[name], expected, rtol=0, atol=2e-5 * scale, err_msg=name)
-        valid = full["valid"].asnumpy()
-        np.testing.assert_array_equal(got["valid"], valid)
-        np.testing.assert_array_equal(np.where(valid, got["blocks"], -1), np.where(valid, full["blocks"].asnumpy(), -1))
+            np.testing.assert_allclose(got[name][compared], expected[compared], rtol=0, atol=2e-5 * scale,
+                                       err_msg=name)
         return got, full
+
+    def _check_near_ties(self, sequence, length, flipped, blocks, expected_blocks):
+        case = self.case
+        assert len(flipped) <= max(1, length * case.cfg.num_kv_heads // 500), flipped
+        rows = slice(self.starts[sequence], self.starts[sequence] + length)
+        kv = {name: (k[rows], v[rows]) for name, (k, v) in case.kv.items()}
+        importance = nsa_reference.nsa_forward(case.q[rows], kv, case.gates[rows], (length,), vars(case.cfg),
+                                               case.weights, case.cfg.scale)[3]
+        for t, h in flipped:
+            got, want = set(blocks[t, h].tolist()) - {-1}, set(expected_blocks[t, h].tolist()) - {-1}
+            scores = importance[(int(t), int(h))]
+            np.testing.assert_allclose(sorted(scores[list(got - want)]), sorted(scores[list(want - got)]),
+                                       rtol=1e-5, err_msg=f"row {t}, KV head {h}: {sorted(got)} vs {sorted(want)}")
 
 
 def cache_state(decoder):
-    """Every cache buffer as NumPy (to compare before and after a call)."""
-    return {p.name: p.asnumpy().copy() for p in decoder.cache.get_parameters()}
+    """Every cache buffer as NumPy by its name in the cache (``k_selected``, ...), to compare before
+    and after a call or between two decoders."""
+    return {p.name.split(".", 1)[1]: p.asnumpy().copy() for p in decoder.cache.get_parameters()}
 
 
 # the small sizes' boundaries: l = 8, l + d = 12, l' = 16, w = 6, n * l' = 48
@@ -98,7 +123,7 @@ SMALL_PREFILLS = (1, 7, 8, 9, 12, 15, 16, 17, 47, 48, 49, 6)
 SMALL_STEPS = (1, 2, 4, 8, 17, 7)
 
 
-def run_boundary_sweep(cfg, shared_kv, prefills, steps, length, seed):
+def run_boundary_sweep(cfg, shared_kv, prefills, steps, length, seed, near_ties=False):
     """Every prefill length in its own slot, then ragged steps (slot ``b`` takes
     ``steps[(i + b) % len(steps)]`` tokens at step ``i``, idle once its sequence is done)."""
     case = Case(cfg, [length] * len(prefills), seed=seed, shared_kv=shared_kv)
@@ -108,7 +133,7 @@ def run_boundary_sweep(cfg, shared_kv, prefills, steps, length, seed):
     while any(decoding.remaining(b) for b in range(len(prefills))):
         decoding.step([min(steps[(i + b) % len(steps)], decoding.remaining(b)) for b in range(len(prefills))])
         i += 1
-    return [decoding.check(s) for s in range(len(prefills))]
+    return [decoding.check(s, near_ties) for s in range(len(prefills))]
 
 
 def test_decode_matches_forward_through_the_main_boundaries():
@@ -140,13 +165,14 @@ def test_decode_matches_forward_gqa_groups(group, shared_kv):
 @pytest.mark.slow
 @pytest.mark.parametrize("shared_kv", (True, False), ids=("shared_kv", "independent_kv"))
 def test_decode_matches_forward_at_paper_sizes(shared_kv):
-    """l=32, d=16, l'=64, n=16, w=512 on 1.5k tokens: top-16 of up to 24 blocks prunes, the window slides."""
+    """l=32, d=16, l'=64, n=16, w=512 on 1.5k tokens: top-16 of up to 24 blocks prunes, the window
+    slides (importance near-ties, which float32 decides either way, are checked in float64)."""
     cfg = small_config(num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=8, compress_block_size=32,
                        compress_stride=16, select_block_size=64, select_block_count=16, num_init_blocks=1,
                        num_local_blocks=2, window_size=512, query_chunk_size=512)
     prefills = (31, 32, 48, 63, 64, 511, 512, 1023, 1024, 1025)
     steps = (1, 2, 16, 32, 65, 513)
-    results = run_boundary_sweep(cfg, shared_kv, prefills, steps, length=1536, seed=7)
+    results = run_boundary_sweep(cfg, shared_kv, prefills, steps, length=1536, seed=7, near_ties=True)
     valid = results[0][1]["valid"].asnumpy()
     assert valid.sum(axis=2).max() == 16 and valid.sum(axis=2).min() < 16
 
@@ -293,7 +319,9 @@ def test_self_attention_decoder_matches_the_layer(shared_kv):
         param.set_data(Tensor((0.4 * rng.standard_normal(param.shape)).astype(np.float32)))
     lengths = (37, 26)
     hidden = [rng.standard_normal((n, cfg.hidden_size)).astype(np.float32) for n in lengths]
+    names = [param.name for param in layer.get_parameters()]
     decoder = NSASelfAttentionDecoder(layer, batch_slots=2, max_len=40, max_step_tokens=5)
+    assert [param.name for param in layer.get_parameters()] == names  # the decoder renames nothing
     done = [13, 9]
     outs = [[x] for x in np.split(decoder.prefill(Tensor(np.concatenate([h[:n] for h, n in zip(hidden, done)])),
                                                   np.cumsum(done).tolist(), [1, 0]).asnumpy(), [done[0]])]

@@ -24,7 +24,7 @@ def test_yaml_resolves_to_nsa_classes_in_the_self_attention_slot():
         assert type(attention.core_attention) is NSACoreAttention and type(attention.gate) is NSAGate
         assert attention.core_attention.config == expected
     assert expected.compress_block_size == 8 and expected.window_size == 16 and expected.num_kv_heads == 2
-    assert net.cpu_swaps == ("RotaryEmbedding.outer", "VocabParallelEmbedding.embedding_morph")
+    assert net.cpu_swaps == ("GenerationMixin.argmax", "RotaryEmbedding.outer", "VocabParallelEmbedding.embedding_morph")
 
 
 def test_no_swap_off_cpu(monkeypatch):
