@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nsa-layers-installed
 
-.PHONY: setup demo test test-all bench bench-attention clean
+.PHONY: setup demo test test-all bench bench-attention bench-decode clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ bench: $(STAMP)
 
 bench-attention: $(STAMP)
 	$(PY) bench/bench_attention.py
+
+bench-decode: $(STAMP)
+	$(PY) bench/bench_decode.py
 
 clean:
 	rm -rf $(VENV) output

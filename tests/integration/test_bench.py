@@ -133,3 +133,19 @@ def test_qwen3_shape_refuses_the_one_kv_head_baselines():
     result = subprocess.run([sys.executable, str(BENCH), "--shape", "qwen3-1.7b", "--impls", "dense"],
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2 and "the dense baselines take one KV head" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_decode_runs_and_prints_its_table(tmp_path):
+    """The decode benchmark at a tiny context: one table row per (context, batch), every number parsed."""
+    script = BENCH.parent / "bench_decode.py"
+    result = subprocess.run([sys.executable, str(script), "--contexts", "600", "--batches", "1", "2", "--steps", "1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 600 |")]
+    assert len(rows) == 2, result.stdout
+    for row, batch in zip(rows, (1, 2)):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1] == str(batch) and cells[4].endswith("x"), row
+        dense_ms, nsa_ms, dense_mb, nsa_mb = float(cells[2]), float(cells[3]), float(cells[5]), float(cells[6])
+        assert dense_ms > 0 and nsa_ms > 0 and nsa_mb >= dense_mb > 0, row
