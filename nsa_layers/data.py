@@ -9,7 +9,9 @@ MindFormers' batching does, giving prefix sums over the flattened ``B*S`` tokens
 
 import numpy as np
 
-__all__ = ["pack_documents", "batch_rows", "batch_prefix_sums", "byte_tokens"]
+__all__ = ["pack_documents", "batch_rows", "batch_prefix_sums", "byte_tokens", "check_packed_rows"]
+
+COLUMNS = ("input_ids", "labels", "loss_mask", "position_ids", "actual_seq_len")
 
 
 def byte_tokens(text):
@@ -51,8 +53,12 @@ def pack_documents(documents, seq_length, max_segments, pad_id):
         row.clear()
         ends.clear()
 
-    for doc in documents:
-        doc = np.asarray(doc, dtype=np.int32).reshape(-1)
+    for i, doc in enumerate(documents):
+        doc = np.asarray(doc)
+        if doc.size and (not np.issubdtype(doc.dtype, np.integer) or doc.min() < 0):
+            raise ValueError(f"pack_documents: document {i} must hold non-negative integer token ids, but got "
+                             f"dtype {doc.dtype}" + (f", minimum {doc.min()}" if doc.size else "") + ".")
+        doc = doc.astype(np.int32).reshape(-1)
         while doc.size:
             used = ends[-1] if ends else 0
             piece = doc[:seq_length - used]
@@ -81,7 +87,69 @@ def pack_documents(documents, seq_length, max_segments, pad_id):
             out["position_ids"][r, start:end] = np.arange(end - start)
             start = end
         out["position_ids"][r, start:] = np.arange(seq_length - start)
+    check_packed_rows(out)
     return out
+
+
+def check_packed_rows(rows):
+    """Check packed rows (:func:`pack_documents`' columns, as a MindFormers packed dataset stores
+    them) for consistency, on the host; ``ValueError`` naming the row, the column, the value and the
+    rule at the first violation.
+
+    Rules, per row of ``S`` tokens: the ``(R, S)`` columns and ``actual_seq_len (R, E)`` are present
+    with those shapes; ``actual_seq_len`` is non-decreasing with values in ``[0, S]`` (its segments,
+    plus the rest of the row after its last value, are the row's documents); ``position_ids`` count
+    ``0, 1, ...`` from each document's first token; ``loss_mask`` is 0 or 1, and 1 only where the
+    label is the next token of the same document (so 0 on every document's last token).
+    """
+    missing = [key for key in COLUMNS if key not in rows]
+    if missing:
+        raise ValueError(f"check_packed_rows: missing columns {missing} (need {list(COLUMNS)}).")
+    shape = np.shape(rows["input_ids"])
+    if len(shape) != 2:
+        raise ValueError(f"check_packed_rows: 'input_ids' must be (rows, seq_length), but got shape {shape}.")
+    for key in ("labels", "loss_mask", "position_ids"):
+        if np.shape(rows[key]) != shape:
+            raise ValueError(f"check_packed_rows: '{key}' must have the shape of 'input_ids' {shape}, but got "
+                             f"{np.shape(rows[key])}.")
+    ends_all = np.asarray(rows["actual_seq_len"])
+    if ends_all.ndim != 2 or ends_all.shape[0] != shape[0]:
+        raise ValueError(f"check_packed_rows: 'actual_seq_len' must be (rows, segments) with {shape[0]} rows, but "
+                         f"got shape {ends_all.shape}.")
+    seq_length = shape[1]
+    ids, labels = np.asarray(rows["input_ids"]), np.asarray(rows["labels"])
+    mask, positions = np.asarray(rows["loss_mask"]), np.asarray(rows["position_ids"])
+    for r in range(shape[0]):
+        ends = ends_all[r]
+        where = f"check_packed_rows: row {r}, column"
+        if ends.size and (ends.min() < 0 or ends.max() > seq_length or np.any(np.diff(ends) < 0)):
+            raise ValueError(f"{where} 'actual_seq_len': {ends.tolist()} must be non-decreasing with values in "
+                             f"[0, {seq_length}].")
+        starts = np.zeros(seq_length, np.int64)  # each token's document start
+        bounds = np.unique(np.concatenate((ends[(ends > 0) & (ends < seq_length)], [seq_length])))
+        first = 0
+        for end in bounds:
+            starts[first:end] = first
+            first = end
+        expected = np.arange(seq_length) - starts
+        bad = np.flatnonzero(positions[r] != expected)
+        if bad.size:
+            t = int(bad[0])
+            raise ValueError(f"{where} 'position_ids': token {t} has position {positions[r, t]}, but its document "
+                             f"starts at token {starts[t]} (position {expected[t]}; actual_seq_len {ends.tolist()}).")
+        bad = np.flatnonzero((mask[r] != 0) & (mask[r] != 1))
+        if bad.size:
+            raise ValueError(f"{where} 'loss_mask': token {int(bad[0])} has {mask[r, bad[0]]}, which is not 0 or 1.")
+        next_same = np.zeros(seq_length, bool)  # token t + 1 is in t's document
+        next_same[:-1] = starts[1:] == starts[:-1]
+        next_ids = np.append(ids[r, 1:], -1)
+        bad = np.flatnonzero((mask[r] == 1) & ~(next_same & (labels[r] == next_ids)))
+        if bad.size:
+            t = int(bad[0])
+            reason = "the last token of its document" if not next_same[t] else \
+                f"label {labels[r, t]} is not the next token {next_ids[t]}"
+            raise ValueError(f"{where} 'loss_mask': token {t} is trained on ({reason}); loss_mask must be 1 only "
+                             f"where the label is the next token of the same document.")
 
 
 def batch_rows(rows, take):
@@ -89,6 +157,7 @@ def batch_rows(rows, take):
     ``(B, S)`` columns as they are, ``actual_seq_len`` as ``(B*E,)`` prefix sums over the flattened
     batch (:func:`batch_prefix_sums`). NumPy arrays, keyed like the columns."""
     take = list(take)
+    check_packed_rows({key: value[take] for key, value in rows.items()})
     batch = {key: value[take] for key, value in rows.items() if key != "actual_seq_len"}
     batch["actual_seq_len"] = batch_prefix_sums(rows["actual_seq_len"][take], rows["input_ids"].shape[1])
     return batch

@@ -1,6 +1,7 @@
 """Packing documents into rows (nsa_layers.data): nothing lost, labels never cross a document."""
 
 import numpy as np
+import pytest
 from hypothesis import given, strategies as st
 
 from nsa_layers import packing
@@ -59,3 +60,61 @@ def test_hand_packed_example():
     np.testing.assert_array_equal(batch["actual_seq_len"], [2, 8, 8, 13, 16, 16])
     np.testing.assert_array_equal(batch["input_ids"], rows["input_ids"][[2, 0]])
     np.testing.assert_array_equal(batch["labels"][1], rows["labels"][0])
+
+
+def _corrupt(rows, kind, rng):
+    """A copy of ``rows`` with one inconsistency of ``kind`` in a random row: ``(rows, row, column)``."""
+    rows = {key: value.copy() for key, value in rows.items()}
+    count, seq_length = rows["input_ids"].shape
+    r = int(rng.integers(0, count))
+    if kind == "position":
+        t = int(rng.integers(0, seq_length))
+        rows["position_ids"][r, t] += int(rng.choice([-1, 1, 5]))
+        return rows, r, "position_ids"
+    if kind == "boundary_loss":  # train across a document's end, on the next document's first token
+        end = int(rows["actual_seq_len"][r, 0])
+        rows["loss_mask"][r, end - 1] = 1.0
+        if end < seq_length:
+            rows["labels"][r, end - 1] = rows["input_ids"][r, end]
+        return rows, r, "loss_mask"
+    if kind == "label":
+        trained = np.flatnonzero(rows["loss_mask"][r])
+        if not trained.size:
+            return _corrupt(rows, "position", rng)
+        t = int(rng.choice(trained))
+        rows["labels"][r, t] += 1
+        return rows, r, "loss_mask"
+    if kind == "mask_value":
+        rows["loss_mask"][r, int(rng.integers(0, seq_length))] = 0.5
+        return rows, r, "loss_mask"
+    ends = rows["actual_seq_len"][r]
+    if kind == "ends_order":  # a later end before an earlier one
+        ends[0], ends[-1] = seq_length, seq_length - 1
+    else:  # ends_range
+        ends[-1] = seq_length + 1
+    return rows, r, "actual_seq_len"
+
+
+@pytest.mark.parametrize("kind", ["position", "boundary_loss", "label", "mask_value", "ends_order", "ends_range"])
+@given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=8), seq_length=st.integers(2, 16),
+       seed=st.integers(0, 1000))
+def test_check_packed_rows_names_the_row_and_column_of_any_inconsistency(kind, lengths, seq_length, seed):
+    from nsa_layers.data import check_packed_rows
+
+    rng = np.random.default_rng(seed)
+    rows = pack_documents([rng.integers(0, 256, n) for n in lengths], seq_length, 3, PAD)
+    check_packed_rows(rows)  # what pack_documents made is consistent
+    bad, r, column = _corrupt(rows, kind, rng)
+    with pytest.raises(ValueError, match=rf"row {r}, column '{column}'"):
+        check_packed_rows(bad)
+    with pytest.raises(ValueError, match=rf"row 0, column '{column}'"):
+        batch_rows(bad, [r])  # a batch is checked before it is built
+
+
+def test_pack_documents_refuses_non_token_documents():
+    import pytest
+
+    with pytest.raises(ValueError, match="document 1 must hold non-negative integer token ids"):
+        pack_documents([np.arange(3), np.array([1.5, 2.0])], 4, 2, PAD)
+    with pytest.raises(ValueError, match="document 0 must hold non-negative integer token ids.*minimum -2"):
+        pack_documents([np.array([3, -2])], 4, 2, PAD)
