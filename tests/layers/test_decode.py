@@ -8,7 +8,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from nsa_layers import NSASelfAttention, RotaryEmbedding
+from nsa_layers import NSAKVCache, NSASelfAttention, RotaryEmbedding
 from nsa_layers.decode import NSADecoder, NSASelfAttentionDecoder
 
 from helpers import nsa_reference
@@ -339,3 +339,11 @@ def test_self_attention_decoder_matches_the_layer(shared_kv):
         expected = layer(Tensor(hidden[s])).asnumpy()
         np.testing.assert_allclose(np.concatenate(outs[s]), expected, rtol=0,
                                    atol=2e-5 * max(1.0, float(np.abs(expected).max())))
+
+
+@pytest.mark.parametrize("sizes, message", [((0, 8, 1), "'batch_slots' must be a positive int, but got 0"),
+                                             ((2, 8.0, 1), "'max_len' must be a positive int, but got 8.0"),
+                                             ((2, 8, True), "'max_step_tokens' must be a positive int, but got True")])
+def test_cache_sizes_are_checked(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        NSAKVCache(small_config(), *sizes)
