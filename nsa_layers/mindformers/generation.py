@@ -112,9 +112,8 @@ class CachedGeneration:
     before MindFormers' model class).
 
     ``model.generate(...)`` is MindFormers' (same arguments, same outputs); set ``model.nsa_cache =
-    False`` for the cache-free path. The cache holds ``2 * seq_length`` tokens per row: rows that
-    finish early keep stepping (MindFormers feeds every row until all are done) without ever
-    reaching it. The cache-free path gets the ``position_ids`` MindFormers' ``use_eod_reset`` needs
+    False`` for the cache-free path. The cache holds ``seq_length`` tokens per row (MindFormers'
+    loop never lets a row reach it); a finished row takes no more tokens. The cache-free path gets the ``position_ids`` MindFormers' ``use_eod_reset`` needs
     (each row one document from position 0). After a cached generation, ``nsa_generation_timing``
     holds its wall-clock seconds: ``prefill_s``, ``steps``, ``step_s`` (all steps) and
     ``first_step_s`` (the first, which compiles the step graph).
@@ -163,7 +162,7 @@ class CachedGeneration:
             sessions = {}
             object.__setattr__(self, "_nsa_cache_sessions", sessions)
         if batch not in sessions:
-            sessions[batch] = _CacheSession(self, batch, 2 * self.config.seq_length)
+            sessions[batch] = _CacheSession(self, batch, self.config.seq_length)
         return sessions[batch]
 
     def nsa_cached_forward(self):
