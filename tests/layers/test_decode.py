@@ -306,8 +306,8 @@ def test_graph_mode_equals_forward_and_compiles_the_step_once():
     decoding.check(1)
 
 
-@pytest.mark.parametrize("shared_kv", (pytest.param(True, marks=pytest.mark.slow), False),
-                         ids=("shared_kv", "independent_kv"))
+@pytest.mark.slow
+@pytest.mark.parametrize("shared_kv", (True, False), ids=("shared_kv", "independent_kv"))
 def test_self_attention_decoder_matches_the_layer(shared_kv):
     """Hidden states in and out, every parameter random (projections, gate and its bias, compressors,
     value position embedding), rotary at each token's position: prefill and steps of two sequences
