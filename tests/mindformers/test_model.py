@@ -11,6 +11,7 @@ import mindspore as ms
 from mindspore import nn
 
 from helpers.mindformers import build, model_inputs, packed_rows, tiny_config
+from nsa_layers.data import pack_documents
 
 
 def _logits(net, inputs):
@@ -29,10 +30,10 @@ def test_packed_prefix_sums_reach_the_core_segment_isolation_and_causality(indep
     assert hasattr(net.model.decoder.layers[0].self_attention, "linear_kv_branches") == independent_kv
     rng = np.random.default_rng(1)
     a, b = 27, 37
-    rows = packed_rows(rng, 64, [[a, b], [b, a], [a, b]])
-    doc_a, doc_b = rows["input_ids"][0, :a].copy(), rows["input_ids"][0, a:].copy()
-    rows["input_ids"][1] = np.concatenate([doc_b, doc_a])
-    rows["input_ids"][2] = np.concatenate([doc_a, doc_b[:20], rng.integers(0, 256, b - 20)])
+    doc_a, doc_b = rng.integers(0, 256, a), rng.integers(0, 256, b)
+    changed_b = np.concatenate([doc_b[:20], rng.integers(0, 256, b - 20)])
+    rows = pack_documents([doc_a, doc_b, doc_b, doc_a, doc_a, changed_b], 64, max_segments=4, pad_id=256)
+    assert rows["input_ids"].shape == (3, 64)
     inputs = model_inputs(rows)
     logits = _logits(net, inputs)
     assert np.isfinite(logits).all()
