@@ -24,7 +24,11 @@ from .layout import token_layout, windows_ended
 from .selected_attention import selected_key_limit
 from .sliding_window import window_reach
 
-__all__ = ["NSADecoder", "NSASelfAttentionDecoder", "NSAPrefill", "NSADecodeStep", "step_positions"]
+__all__ = ["NSADecoder", "NSASelfAttentionDecoder", "NSAPrefill", "NSADecodeStep", "step_positions", "DETAIL_FIELDS"]
+
+# the cells' outputs, in this order (a tuple: a compiled graph's dict output comes back as a tuple
+# under MindSpore's strict syntax level, which MindFormers sets process-wide); NSADecoder names them
+DETAIL_FIELDS = ("out", "o_cmp", "o_slc", "o_win", "blocks", "valid")
 
 _SCATTER = ops.ScatterUpdate()  # in place on the cache's Parameters
 _FLOOR_MOD = ops.FloorMod()
@@ -69,7 +73,8 @@ class NSAPrefill(nn.Cell):
         slots (Tensor): ``(N,)`` int32 distinct cache slot of each sequence.
 
     Outputs:
-        :class:`NSADetails` of the ``T`` tokens (the training forward's).
+        The :class:`NSADetails` of the ``T`` tokens (the training forward's) as a tuple in
+        :data:`DETAIL_FIELDS` order.
     """
 
     def __init__(self, core, cache):
@@ -109,7 +114,7 @@ class NSAPrefill(nn.Cell):
         _SCATTER(cache.v_compressed, target, self.core.v_compressor.compress_windows(
             v_rows.reshape(shape + (cfg.v_head_dim,))))
         _SCATTER(cache.lengths, slots, lengths)
-        return details
+        return tuple(details[name] for name in DETAIL_FIELDS)
 
     def _fill_ring(self, k_ring, v_ring, ring, kv, starts, lengths, slots):
         """Every row ``r`` of each sequence's ring: its latest position ``p < length`` with
@@ -140,8 +145,8 @@ class NSADecodeStep(nn.Cell):
         counts (Tensor): ``(B,)`` int32 new tokens per slot, summing to ``Q``.
 
     Outputs:
-        :class:`NSADetails` of the ``Q`` new tokens: what ``forward_with_details`` on each whole
-        sequence gives at their rows.
+        The :class:`NSADetails` of the ``Q`` new tokens (what ``forward_with_details`` on each whole
+        sequence gives at their rows) as a tuple in :data:`DETAIL_FIELDS` order.
     """
 
     def __init__(self, core, cache):
@@ -172,8 +177,7 @@ class NSADecodeStep(nn.Cell):
         o_win = self._window(q, slot, position)
         out = self.core.gated_sum(gates.astype(dtype), o_cmp, o_slc, o_win)
         ops.assign(self.cache.lengths, self.cache.lengths + counts.astype(ms.int32))
-        return {"out": out.astype(out_dtype), "o_cmp": o_cmp, "o_slc": o_slc, "o_win": o_win, "blocks": blocks,
-                "valid": valid}
+        return out.astype(out_dtype), o_cmp, o_slc, o_win, blocks, valid
 
     def _write_tokens(self, kv, slot, position):
         """The new tokens' K/V into the history (row = position) and, with independent K/V, the rings."""
@@ -303,7 +307,7 @@ class NSADecoder:
         """
         self.core.check_inputs(q, k, v, gates)
         ends, slot_ids = self.check_prefill(q.shape[0], actual_seq_len, slots)
-        return self.prefill_cell(q, _graph_input(k), _graph_input(v), gates, ends, slot_ids)
+        return dict(zip(DETAIL_FIELDS, self.prefill_cell(q, _graph_input(k), _graph_input(v), gates, ends, slot_ids)))
 
     def step(self, q, k, v, gates, counts):
         """Append ``counts[b]`` new tokens to slot ``b`` and attend with them.
@@ -317,7 +321,7 @@ class NSADecoder:
         """
         self.core.check_inputs(q, k, v, gates)
         counts = self.check_step(q.shape[0], counts)
-        return self.step_cell(q, _graph_input(k), _graph_input(v), gates, counts)
+        return dict(zip(DETAIL_FIELDS, self.step_cell(q, _graph_input(k), _graph_input(v), gates, counts)))
 
     def check_prefill(self, total, actual_seq_len, slots):
         """Host checks of a prefill of ``total`` tokens; returns ``(ends, slots)`` as int32 Tensors."""
@@ -379,8 +383,8 @@ class _SelfAttentionPrefill(nn.Cell):
     def construct(self, hidden_states, actual_seq_len, slots):
         positions = token_layout(actual_seq_len, hidden_states.shape[0])[1]
         q, k, v, gates = self.attention.core_inputs(hidden_states, positions)
-        details = self.core_prefill(q, k, v, gates, actual_seq_len, slots)
-        return self.attention.output(details["out"], hidden_states.dtype)
+        out = self.core_prefill(q, k, v, gates, actual_seq_len, slots)[0]
+        return self.attention.output(out, hidden_states.dtype)
 
 
 class _SelfAttentionStep(nn.Cell):
@@ -394,8 +398,8 @@ class _SelfAttentionStep(nn.Cell):
     def construct(self, hidden_states, counts):
         position = step_positions(self.core_step.cache.lengths, counts, hidden_states.shape[0])[1]
         q, k, v, gates = self.attention.core_inputs(hidden_states, position)
-        details = self.core_step(q, k, v, gates, counts)
-        return self.attention.output(details["out"], hidden_states.dtype)
+        out = self.core_step(q, k, v, gates, counts)[0]
+        return self.attention.output(out, hidden_states.dtype)
 
 
 class NSASelfAttentionDecoder:

@@ -102,9 +102,9 @@ class _NSAHostAttention:
         seq_len, bs, _ = self.shape(hidden_states)
         q, k, v, gates, _ = self._core_inputs(hidden_states, rotary_pos_emb, None)
         if len(request) == 2:
-            out = self.nsa_prefill(q, k, v, gates, request[0], request[1])["out"]
+            out = self.nsa_prefill(q, k, v, gates, request[0], request[1])[0]
         else:
-            out = self.nsa_step(q, k, v, gates, request[0])["out"]
+            out = self.nsa_step(q, k, v, gates, request[0])[0]
         return self._output(out, hidden_states, seq_len, bs)
 
     def _output(self, out, hidden_states, seq_len, bs):
