@@ -2,7 +2,8 @@
 the TND layout, training, checkpoints, the CPU train wrapper and the selection probe.
 
 Each compile of the tiny model costs tens of seconds on 2 cores, so the fast tier runs one logits
-graph and one training graph; the other checks are ``slow``.
+graph (its training graph runs in ``tests/layers/test_self_attention.py``'s graph-mode step and,
+through MindFormers, in the slow tier); the other checks are ``slow``.
 """
 
 import numpy as np
@@ -82,6 +83,7 @@ def _train(net, inputs, steps, lr=3e-3):
     return losses, grads
 
 
+@pytest.mark.slow
 def test_training_steps_on_a_repeated_packed_batch_lower_the_loss():
     net = build(tiny_config())
     inputs = model_inputs(packed_rows(np.random.default_rng(2), 64, [[10, 30, 24], [64], [5, 40, 19]]))
