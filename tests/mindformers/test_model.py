@@ -2,8 +2,8 @@
 the TND layout, training, checkpoints, the CPU train wrapper and the selection probe.
 
 Each compile of the tiny model costs tens of seconds on 2 cores, so the fast tier runs one logits
-graph (its training graph runs in ``tests/layers/test_self_attention.py``'s graph-mode step and,
-through MindFormers, in the slow tier); the other checks are ``slow``.
+graph of the model; its training graph and the other checks are ``slow`` (NSA's own graph-mode
+training step is in the fast tier: ``tests/layers/test_self_attention.py``).
 """
 
 import numpy as np
