@@ -26,7 +26,7 @@ from .attention_math import group_queries, ungroup_outputs
 from .compressed_attention import CompressedAttention
 from .compressor import KVCompressor
 from .gate import GatedSum
-from .input_checks import check_float_input, check_kv_inputs
+from .input_checks import check_float_input, check_kv_inputs, checked_prefix_sums
 from .layout import packed_layout
 from .selected_attention import BlockMaskedSelectedAttention, SelectedAttention
 from .sliding_window import SlidingWindowAttention
@@ -66,6 +66,8 @@ class NativeSparseAttention(nn.Cell):
         gates (Tensor): ``(T, H, 3)`` gate values for (compressed, selected, window).
         actual_seq_len: segment ends as prefix sums: ``None`` (one segment), a tuple/list/array, or an
             int Tensor as MindFormers gives it (leading 0, repeated values and padding tolerated).
+            Values must lie in ``[0, T]`` and not decrease: host values are checked while compiling,
+            a Tensor's when the graph runs (``ValueError`` either way).
 
     Outputs:
         Tensor ``(T, H, Dv)`` in the dtype of ``q`` (empty for ``T = 0``).
@@ -88,6 +90,8 @@ class NativeSparseAttention(nn.Cell):
         self.block_masked_selected_attention = BlockMaskedSelectedAttention(config)
         self.sliding_window = SlidingWindowAttention(config)
         self.gated_sum = GatedSum()
+        # False where the caller has already checked a Tensor's values (input_checks.checked_prefix_sums)
+        self.validates_prefix_sums = True
 
     def branch_paths(self, total, actual_seq_len=None):
         """Which implementation each branch takes for ``total`` tokens laid out by ``actual_seq_len``
@@ -114,6 +118,8 @@ class NativeSparseAttention(nn.Cell):
         self.check_inputs(q, k, v, gates)
         cfg = self.config
         total = q.shape[0]
+        if self.validates_prefix_sums and isinstance(actual_seq_len, Tensor):
+            actual_seq_len = checked_prefix_sums("NativeSparseAttention", actual_seq_len, total)
         if total == 0:  # MindSpore's reductions reject empty inputs
             return self._no_tokens(q)
         dtype = cfg.ms_compute_dtype

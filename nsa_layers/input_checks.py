@@ -3,15 +3,17 @@
 The shape and dtype checks take static metadata (``tensor.shape``, ``tensor.dtype``) inside a
 ``constexpr``, so they run in PyNative and while ``mindspore.jit`` compiles. They raise the exception
 types MindSpore uses (``TypeError`` for a type or dtype, ``ValueError`` for a rank or shape) with a
-message that names the cell, the argument, the value and the rule. (The values of prefix sums given
-as a Tensor are graph data, not checked here: see ``layout.prefix_sums_tensor``.)
+message that names the cell, the argument, the value and the rule.
+
+Prefix sums given as a Tensor are graph data: :func:`checked_prefix_sums` checks their values when
+the graph runs (a ``raise`` under a Tensor condition, which MindSpore runs in both modes).
 """
 
 import mindspore as ms
-from mindspore import Tensor
+from mindspore import Tensor, ops
 from mindspore.ops import constexpr
 
-__all__ = ["check_float_input", "check_kv_inputs", "check_position_ids"]
+__all__ = ["check_float_input", "check_kv_inputs", "check_position_ids", "checked_prefix_sums"]
 
 FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
@@ -50,6 +52,41 @@ def check_position_ids(cell, position_ids, total):
         _check_position_ids(cell, position_ids.shape, position_ids.dtype, total)
 
 
+def checked_prefix_sums(cell, actual_seq_len, total):
+    """Prefix sums given as a Tensor, checked: the rules :func:`nsa_layers.packing.normalize_prefix_sums`
+    applies to host values (integers, values in ``[0, total]``, non-decreasing), so a Tensor layout
+    means what the same values would mean as a tuple.
+
+    Args:
+        cell (str): the cell's name, for the message.
+        actual_seq_len (Tensor): int32 or int64, any shape (flattened), e.g. MindFormers' ``(B, E)``
+            ends over the flattened ``B*S`` tokens.
+        total (int): ``T``, the tokens they cut.
+
+    Returns:
+        Tensor: the flattened values, int32. Use it in place of ``actual_seq_len``: in graph mode the
+        check runs only for a result that is used, and the work that uses it waits for the check.
+
+    Raises:
+        TypeError: a non-integer dtype (at compile time in graph mode).
+        ValueError: the first value that breaks a rule, with its index and the rule (when the graph
+            runs, in graph mode; MindSpore cannot run that compiled graph again afterwards).
+    """
+    _check_tensor(cell, "actual_seq_len", actual_seq_len)
+    _check_prefix_sums_dtype(cell, actual_seq_len.dtype)
+    ends = actual_seq_len.reshape(-1).astype(ms.int32)
+    if ends.shape[0] == 0:
+        return ends
+    previous = ops.cat((ends[:1], ends[:-1]))
+    broken = (ends < 0).astype(ms.int32) + (ends > total).astype(ms.int32) + (ends < previous).astype(ms.int32)
+    if broken.max() > 0:
+        index = ops.argmax(broken, 0)
+        raise ValueError(f"{cell}: 'actual_seq_len' must be non-decreasing prefix sums with values in [0, {total}] "
+                         f"(T={total} tokens; a MindFormers batch gives its ends over the flattened B*S tokens), "
+                         f"but got {ends[index]} at index {index}; all values: {ends}.")
+    return ends
+
+
 def _check_tensor(cell, name, value):
     if not isinstance(value, Tensor):
         raise TypeError(f"{cell}: '{name}' must be a Tensor, but got {type(value).__name__}.")
@@ -78,6 +115,12 @@ def _check_shape_and_dtype(cell, name, shape, dtype, dims):
     for (label, size), got in zip(dims, shape):
         if size is not None and got != size:
             raise ValueError(f"{cell}: '{name}' must have shape {rule}, but got {tuple(shape)} ({label} is {got}).")
+
+
+@constexpr
+def _check_prefix_sums_dtype(cell, dtype):
+    if dtype not in (ms.int32, ms.int64):
+        raise TypeError(f"{cell}: the dtype of 'actual_seq_len' must be int32 or int64, but got {dtype}.")
 
 
 @constexpr

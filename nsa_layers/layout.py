@@ -113,7 +113,8 @@ def prefix_sums_tensor(actual_seq_len, total):
     (``packing.normalize_prefix_sums``, at compile time under ``mindspore.jit``); a ``Tensor`` (data in
     a compiled graph, as MindFormers feeds it) is flattened and used as it is: the layout tolerates its
     leading 0, repeated values and padding, and each token's segment is delimited by the nearest ends
-    at or before it and after it (so their order does not matter). Its values are not checked.
+    at or before it and after it (so their order does not matter). Its values are not checked here:
+    the cells check a Tensor they are given with ``input_checks.checked_prefix_sums``.
     """
     if isinstance(actual_seq_len, Tensor):
         return actual_seq_len.reshape(-1)

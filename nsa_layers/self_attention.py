@@ -1,10 +1,10 @@
 """``NSASelfAttention``: hidden states in, hidden states out, with NSA as the attention."""
 
-from mindspore import nn, ops
+from mindspore import Tensor, nn, ops
 
 from .attention import NativeSparseAttention
 from .gate import NSAGate
-from .input_checks import check_float_input, check_position_ids
+from .input_checks import check_float_input, check_position_ids, checked_prefix_sums
 from .layout import positions_tensor, prefix_sums_tensor
 
 __all__ = ["NSASelfAttention"]
@@ -25,7 +25,7 @@ class NSASelfAttention(nn.Cell):
     Inputs:
         hidden_states (Tensor): ``(T, hidden_size)`` packed tokens.
         actual_seq_len: keyword, prefix sums as MindFormers gives them (tuple/list/array/int Tensor),
-            or ``None`` for one segment.
+            or ``None`` for one segment; checked as :class:`NativeSparseAttention` checks them.
         position_ids (Tensor, optional): keyword, ``(T,)`` positions for the rotary hook.
 
     Outputs:
@@ -43,6 +43,7 @@ class NSASelfAttention(nn.Cell):
         self.v_proj = nn.Dense(config.hidden_size, self.kv_sets * kv_heads * config.v_head_dim, has_bias=False)
         self.gate = NSAGate(config.hidden_size, heads)
         self.core = NativeSparseAttention(config)
+        self.core.validates_prefix_sums = False  # construct checks them before the core sees them
         self.out_proj = nn.Dense(heads * config.v_head_dim, config.hidden_size, has_bias=False)
         self.rotary = rotary
 
@@ -52,6 +53,8 @@ class NSASelfAttention(nn.Cell):
                                                                               ("hidden_size", cfg.hidden_size)))
         total = hidden_states.shape[0]
         check_position_ids("NSASelfAttention", position_ids, total)
+        if isinstance(actual_seq_len, Tensor):
+            actual_seq_len = checked_prefix_sums("NSASelfAttention", actual_seq_len, total)
         if total == 0:  # no tokens: empty output, zero gradients (MindSpore's CPU MatMul leaves a product
             # over zero rows uninitialised, so the projections' weight gradients would be garbage)
             return ops.zeros((0, cfg.hidden_size), hidden_states.dtype)

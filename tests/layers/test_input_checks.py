@@ -7,6 +7,7 @@ import mindspore as ms
 
 from nsa_layers import NativeSparseAttention, NSAConfig, NSASelfAttention
 
+from helpers.bad_prefix_sums import BAD, assert_check_refuses, assert_core_refuses, core_inputs
 from helpers.common import run
 
 CFG = NSAConfig(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=8, window_size=32,
@@ -102,3 +103,54 @@ def test_valid_inputs_pass_the_checks(mode):
         return layer(x, actual_seq_len=None, position_ids=positions)
 
     assert run(mode, self_forward, _x((T, 64), ms.float16)).shape == (T, 64)
+
+
+@pytest.mark.parametrize("mode", ["pynative", pytest.param("graph", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("ends, value, index", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_tensor_prefix_sums_are_refused_by_value(mode, ends, value, index):
+    """The check itself, on each kind of bad value (graph data: checked when the graph runs; a
+    failing graph takes MindSpore about 3 s, so the graph sweep is slow)."""
+    assert_check_refuses(mode, ends, value, index)
+
+
+@pytest.mark.parametrize("mode", ["pynative", pytest.param("graph", marks=pytest.mark.slow)])
+def test_core_refuses_row_local_ends_of_two_rows(mode):
+    """The core runs the check before its work, compiled into the whole core in graph mode (the fast
+    tier's graph case is ``test_attention.py::test_graph_mode_with_mindformers_prefix_sums``)."""
+    assert_core_refuses(mode, *BAD[-1][1:])
+
+
+def test_tensor_prefix_sums_need_an_integer_dtype(mode):
+    core = NativeSparseAttention(CFG)
+
+    def forward(q, k, v, gates, ends):
+        return core(q, k, v, gates, ends)
+
+    with pytest.raises(TypeError, match=r"NativeSparseAttention: the dtype of 'actual_seq_len' must be int32 or "
+                                        r"int64, but got Float32"):
+        run(mode, forward, *core_inputs(), ms.Tensor(np.array([15.0, 40.0], np.float32)))
+
+
+@pytest.mark.parametrize("mode", ["pynative", pytest.param("graph", marks=pytest.mark.slow)])
+def test_self_attention_refuses_bad_tensor_prefix_sums(mode):
+    layer = NSASelfAttention(CFG)
+
+    def forward(x, ends):
+        return layer(x, actual_seq_len=ends)
+
+    with pytest.raises(ValueError, match=r"NSASelfAttention: 'actual_seq_len' must be non-decreasing .* but got 15 "
+                                         r"at index 1"):
+        run(mode, forward, _x((T, 64)), ms.Tensor(np.array([20, 15, T], np.int32)))
+
+
+@pytest.mark.parametrize("mode", ["pynative", pytest.param("graph", marks=pytest.mark.slow)])
+def test_checked_tensor_prefix_sums_mean_what_the_same_tuple_means(mode):
+    """A valid Tensor (leading 0, repeats, padding) passes and gives the tuple's result, bitwise."""
+    core = NativeSparseAttention(CFG)
+    inputs = core_inputs(1)
+
+    def forward(q, k, v, gates, ends):
+        return core(q, k, v, gates, ends)
+
+    tensor_out = run(mode, forward, *inputs, ms.Tensor(np.array([0, 15, 15, 33, T, T], np.int32)))
+    np.testing.assert_array_equal(tensor_out.asnumpy(), core(*inputs, (15, 33, T)).asnumpy())

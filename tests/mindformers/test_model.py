@@ -6,11 +6,14 @@ graph of the model; its training graph and the other checks are ``slow`` (NSA's 
 training step is in the fast tier: ``tests/layers/test_self_attention.py``).
 """
 
+import os
+
 import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import nn
 
+from helpers.bad_prefix_sums import BAD, assert_check_refuses, assert_core_refuses
 from helpers.mindformers import build, model_inputs, packed_rows, tiny_config
 from nsa_layers.data import pack_documents
 
@@ -47,6 +50,13 @@ def test_packed_prefix_sums_reach_the_core_segment_isolation_and_causality(indep
     row_ends = np.repeat(np.arange(1, 4) * 64, inputs["actual_seq_len"].shape[0] // 3).astype(np.int32)
     control = _logits(net, dict(inputs, actual_seq_len=ms.Tensor(row_ends)))
     assert not np.allclose(control[1, b:], control[0, :a], atol=1e-3)
+    # the rows' own ends, without the row offsets MindFormers' batching adds (a MindDataset read as
+    # it is): refused when the graph runs, naming the first value that decreases
+    local = rows["actual_seq_len"].reshape(-1)
+    first = int(np.argmax(local[1:] < local[:-1])) + 1
+    with pytest.raises(ValueError, match=rf"NSAQwen3ForCausalLM: 'actual_seq_len' must be non-decreasing prefix "
+                                         rf"sums with values in \[0, 192\] .* got {local[first]} at index {first}"):
+        _logits(net, dict(inputs, actual_seq_len=ms.Tensor(local)))
 
 
 @pytest.mark.slow
@@ -134,6 +144,23 @@ def test_train_wrapper_runs_on_cpu():
 
 
 @pytest.mark.slow
+def test_train_step_refuses_row_local_ends_before_changing_a_parameter():
+    from nsa_layers.mindformers import NSATrainOneStepCell
+
+    net = build(tiny_config())
+    net.set_train(True)
+    rows = packed_rows(np.random.default_rng(8), 64, [[30, 34], [20, 44]])
+    inputs = model_inputs(rows)
+    wrapper = NSATrainOneStepCell(net, nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-2),
+                                  use_clip_grad=True)
+    before = [p.asnumpy().copy() for p in net.trainable_params()]
+    with pytest.raises(ValueError, match=r"NSAQwen3ForCausalLM: 'actual_seq_len' .* got 20 at index 4"):
+        wrapper(inputs["input_ids"], inputs["position_ids"], None, None, inputs["labels"], None, None,
+                inputs["loss_mask"], ms.Tensor(rows["actual_seq_len"]))
+    assert all(np.array_equal(b, p.asnumpy()) for b, p in zip(before, net.trainable_params()))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("per_token", [False, True])
 def test_train_wrapper_gradient_norm_matches_independent_gradients(per_token):
     """The wrapper's global gradient norm (before clipping) is the norm of the loss's gradients taken
@@ -184,3 +211,16 @@ def test_layer_selection_probe_never_picks_future_or_other_documents():
             assert valid[t, h].sum() == min(nsa.select_block_count, own + 1)
     with pytest.raises(ValueError, match="layer_index"):
         LayerSelection(net, 2)
+
+
+# Last in the module: MindFormers has set its strict graph syntax for the whole process
+# (``build_context``) and the model has compiled and run; the layers' check still fires.
+@pytest.mark.parametrize("ends, value, index", [BAD[0][1:], pytest.param(*BAD[1][1:], marks=pytest.mark.slow)])
+def test_prefix_sum_check_fires_in_graph_mode_after_the_mindformers_model(ends, value, index):
+    assert os.environ.get("MS_DEV_JIT_SYNTAX_LEVEL") == "0"  # strict, as MindFormers leaves it
+    assert_check_refuses("graph", ends, value, index)
+
+
+@pytest.mark.slow
+def test_core_refuses_bad_prefix_sums_in_graph_mode_after_the_mindformers_model():
+    assert_core_refuses("graph", *BAD[-1][1:])
