@@ -5,11 +5,16 @@ What it does (``make demo`` runs it with the defaults, in a few minutes on 2 cor
 1. builds the model from ``configs/nsa_qwen3_tiny_cpu.yaml`` through the MindFormers registry
    (``model_type: nsa_qwen3``, ``architectures: [NSAQwen3ForCausalLM]``);
 2. byte-tokenises the Python documentation topics shipped with the standard library
-   (``pydoc_data``), cuts them into paragraph-sized documents and packs them into rows with their
-   ends passed as ``actual_seq_len`` (positions restart at every document);
-3. trains with AdamW, showing loss and tokens per second, and reports the held-out loss before and after;
-4. saves a checkpoint, loads it into a freshly built model and checks the held-out loss is the same;
-5. draws, for one packed row, which key blocks the first layer's selection branch picked for every
+   (``pydoc_data``), cuts them into paragraph-sized documents, packs them into rows with their
+   ends as ``actual_seq_len`` (positions restart at every document) and writes the training rows
+   as a MindRecord file, which MindFormers' dataset (the YAML's ``train_dataset``) reads;
+3. fine-tunes through ``mindformers.Trainer`` as the YAML says (optimizer, learning rate, train
+   wrapper, callbacks, checkpoints), with a progress bar (loss, tokens per second), and reports the
+   held-out loss before and after;
+4. loads the Trainer's last checkpoint into a freshly built model and checks the held-out loss is
+   the same;
+5. continues a held-out prompt greedily, before and after training, with the NSA KV cache;
+6. draws, for one packed row, which key blocks the first layer's selection branch picked for every
    query block, with the document boundaries, and prints where the PNG is.
 
 Run ``python examples/finetune_nsa.py --help`` for the flags (longer runs, other sizes).
@@ -19,7 +24,6 @@ import argparse
 import os
 import random
 import sys
-import time
 
 import numpy as np
 
@@ -45,7 +49,7 @@ def parse_args(argv=None):
                         help="override a model_config key of the YAML, e.g. --set num_hidden_layers=4 "
                              "--set nsa_window_size=128 (repeatable)")
     parser.add_argument("--out-dir", default=os.path.join("output", "finetune_nsa"),
-                        help="where the checkpoint and the PNG go")
+                        help="where the training rows, the Trainer's logs and checkpoints, and the PNG go")
     parser.add_argument("--new-tokens", type=int, default=60, help="greedy continuation length of the held-out prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="keep MindSpore's and MindFormers' logs on the console")
@@ -95,6 +99,17 @@ def batch(rows, index, batch_size):
     return {key: ms.Tensor(value) for key, value in batch_rows(rows, take).items()}
 
 
+def write_training_rows(rows, steps, batch_size, data_dir):
+    """The training rows MindFormers will read: ``steps * batch_size`` of them (cycling), one
+    MindRecord file in ``data_dir``."""
+    from nsa_layers.data import write_mindrecord
+
+    count = rows["input_ids"].shape[0]
+    take = [i % count for i in range(steps * batch_size)]
+    os.makedirs(data_dir, exist_ok=True)
+    return write_mindrecord({key: value[take] for key, value in rows.items()}, os.path.join(data_dir, "train.mindrecord"))
+
+
 # ---------------------------------------------------------------------------------------- model
 def load_config(args):
     from mindformers.tools.register import MindFormerConfig
@@ -115,6 +130,10 @@ def load_config(args):
         cfg.runner_config.batch_size = args.batch_size
     if args.lr:
         cfg.lr_schedule.learning_rate = args.lr
+    # what the run writes goes under --out-dir: the training rows, the Trainer's logs and checkpoints
+    cfg.output_dir = args.out_dir
+    cfg.train_dataset.data_loader.dataset_dir = os.path.join(args.out_dir, "data")
+    cfg.checkpoint.save_path = os.path.join(args.out_dir, "checkpoint")
     return cfg
 
 
@@ -131,46 +150,52 @@ def build(cfg, verbose=False):
         return build_model(cfg.model)
 
 
-class Trainer:
-    """A compiled train step (loss, gradients clipped to norm 1, AdamW) and a compiled evaluation loss."""
+class HeldOutLoss:
+    """The model's training loss as a compiled function of one batch, for the held-out rows."""
 
-    def __init__(self, net, cfg):
+    def __init__(self, net):
         import mindspore as ms
-        from mindspore import nn, ops
-
-        self.net = net
-        params = net.trainable_params()
-        opt_cfg = cfg.optimizer
-        self.optimizer = nn.AdamWeightDecay(params, learning_rate=float(cfg.lr_schedule.learning_rate),
-                                            beta1=float(opt_cfg.betas[0]), beta2=float(opt_cfg.betas[1]),
-                                            eps=float(opt_cfg.eps), weight_decay=float(opt_cfg.weight_decay))
 
         def loss_fn(input_ids, labels, loss_mask, position_ids, actual_seq_len):
             return net(input_ids=input_ids, labels=labels, loss_mask=loss_mask, position_ids=position_ids,
                        actual_seq_len=actual_seq_len)[0]
 
-        grad_fn = ms.value_and_grad(loss_fn, None, params)
+        self.loss = ms.jit(loss_fn)
 
-        @ms.jit
-        def train_step(*inputs):
-            loss, grads = grad_fn(*inputs)
-            grads = ops.clip_by_global_norm(grads, 1.0)
-            return ops.depend(loss, self.optimizer(grads))
-
-        self.train_step = train_step
-        self.eval_loss = ms.jit(loss_fn)
-
-    @staticmethod
-    def inputs(b):
-        return b["input_ids"], b["labels"], b["loss_mask"], b["position_ids"], b["actual_seq_len"]
+    def __call__(self, rows, batch_size):
+        """Mean loss over ``rows`` (whole batches, cycling to fill the last one)."""
+        count = rows["input_ids"].shape[0]
+        steps = max(1, -(-count // batch_size))
+        return float(np.mean([self.loss(*(b[key] for key in ("input_ids", "labels", "loss_mask", "position_ids",
+                                                                 "actual_seq_len"))).asnumpy()
+                              for b in (batch(rows, i, batch_size) for i in range(steps))]))
 
 
-def evaluate(trainer, rows, batch_size):
-    """Mean loss over the held-out rows (whole batches, cycling to fill the last one)."""
-    count = rows["input_ids"].shape[0]
-    steps = max(1, -(-count // batch_size))
-    return float(np.mean([trainer.eval_loss(*trainer.inputs(batch(rows, i, batch_size))).asnumpy()
-                          for i in range(steps)]))
+def train(net, cfg, steps, verbose):
+    """Fine-tune ``net`` in place with ``mindformers.Trainer`` as ``cfg`` says, saving a checkpoint
+    after the last step; returns the progress bar callback (its ``losses`` and ``tokens_per_second``)."""
+    import contextlib
+    import io
+
+    from mindformers import Trainer
+    from nsa_layers.mindformers import NSAProgressBar
+
+    cfg.checkpoint.save_interleaved_steps = steps
+    bar = NSAProgressBar(total_steps=steps, file=sys.stdout)
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:  # MindFormers prints its whole configuration
+        Trainer(args=cfg, task="text_generation", model=net, callbacks=[bar]).train()
+    return bar
+
+
+def last_checkpoint(cfg):
+    """The model file of the Trainer's newest checkpoint (``checkpoint.save_path``)."""
+    import glob
+
+    root = cfg.checkpoint.save_path
+    with open(os.path.join(root, "latest_checkpointed_iteration.txt"), encoding="utf-8") as f:
+        iteration = int(f.read().split()[0])
+    return glob.glob(os.path.join(root, f"iteration_{iteration:08d}", "*-model-*.safetensors"))[0]
 
 
 # ------------------------------------------------------------------------------------------ PNG
@@ -271,7 +296,6 @@ def main(argv=None):
     cfg = load_config(args)
     from mindformers.core.context.build_context import build_context
     import mindspore as ms
-    from tqdm import tqdm
 
     build_context(cfg)
     if not args.verbose:
@@ -285,9 +309,10 @@ def main(argv=None):
     docs = documents(args.max_doc_bytes, args.seed)
     train_rows, eval_rows = packed_splits(docs, seq_length, max_segments, pad_id)
     per_row = (train_rows["actual_seq_len"] < seq_length).sum(1) + 1
+    data_file = write_training_rows(train_rows, args.steps, batch_size, cfg.train_dataset.data_loader.dataset_dir)
     print(f"data: {len(docs)} documents from pydoc_data, {train_rows['input_ids'].shape[0]} training rows of "
           f"{seq_length} tokens ({per_row.mean():.1f} documents per row on average), "
-          f"{eval_rows['input_ids'].shape[0]} held-out rows")
+          f"{eval_rows['input_ids'].shape[0]} held-out rows; training rows for MindFormers: {data_file}")
 
     net = build(cfg, args.verbose)
     net.set_train(True)
@@ -297,39 +322,29 @@ def main(argv=None):
           f"d={nsa.compress_stride} l'={nsa.select_block_size} n={nsa.select_block_count} w={nsa.window_size}; "
           f"CPU swaps: {', '.join(net.cpu_swaps) or 'none'}")
 
-    trainer = Trainer(net, cfg)
-    before = evaluate(trainer, eval_rows, batch_size)
+    held_out = HeldOutLoss(net)
+    before = held_out(eval_rows, batch_size)
     print(f"held-out loss before training: {before:.4f} (uniform guess: {np.log(model_cfg.vocab_size):.4f})")
     prompt = held_out_prompt(eval_rows, PROMPT_BYTES)
     continuation_before, _ = continuation(net, prompt, args.new_tokens)
 
-    losses, tokens = [], batch_size * seq_length
-    bar = tqdm(range(args.steps), desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
-    start = None
-    for step in bar:
-        loss = float(trainer.train_step(*trainer.inputs(batch(train_rows, step, batch_size))).asnumpy())
-        losses.append(loss)
-        if step == 0:
-            start = time.perf_counter()  # the first step includes the graph compilation
-            bar.set_postfix(loss=f"{loss:.3f}", note="compiled")
-            continue
-        rate = step * tokens / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", tok_s=f"{rate:,.0f}")
-    bar.close()
-    after = evaluate(trainer, eval_rows, batch_size)
+    print(f"training with mindformers.Trainer: {cfg.optimizer.type}, {cfg.lr_schedule.type} "
+          f"{cfg.lr_schedule.learning_rate}, {cfg.runner_wrapper.type}, {args.steps} steps of {batch_size} rows")
+    net.set_train(True)
+    bar = train(net, cfg, args.steps, args.verbose)
+    losses = bar.losses
+    after = held_out(eval_rows, batch_size)
     head, tail = np.mean(losses[:10]), np.mean(losses[-10:])
     print(f"training loss: first 10 steps {head:.4f} -> last 10 steps {tail:.4f}; "
           f"held-out loss {before:.4f} -> {after:.4f}")
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt = os.path.join(args.out_dir, "nsa_qwen3_tiny.ckpt")
-    ms.save_checkpoint(net, ckpt)
+    ckpt = last_checkpoint(cfg)
     fresh = build(cfg, args.verbose)
     fresh.set_train(True)
-    not_loaded, _ = ms.load_param_into_net(fresh, ms.load_checkpoint(ckpt))
-    reloaded = evaluate(Trainer(fresh, cfg), eval_rows, batch_size)
-    print(f"checkpoint: {ckpt}; reloaded into a fresh model ({len(not_loaded)} parameters not loaded): "
-          f"held-out loss {reloaded:.6f} vs {after:.6f} before saving -> "
+    not_loaded, _ = ms.load_param_into_net(fresh, ms.load_checkpoint(ckpt, format="safetensors"))
+    reloaded = HeldOutLoss(fresh)(eval_rows, batch_size)
+    print(f"checkpoint (written by the Trainer): {ckpt}; reloaded into a fresh model ({len(not_loaded)} parameters "
+          f"not loaded): held-out loss {reloaded:.6f} vs {after:.6f} after training -> "
           f"{'same' if abs(reloaded - after) <= 1e-6 * max(1.0, abs(after)) else 'DIFFERENT'}")
 
     continuation_after, speed = continuation(net, prompt, args.new_tokens)

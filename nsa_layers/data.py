@@ -9,7 +9,8 @@ MindFormers' batching does, giving prefix sums over the flattened ``B*S`` tokens
 
 import numpy as np
 
-__all__ = ["pack_documents", "batch_rows", "batch_prefix_sums", "byte_tokens", "check_packed_rows"]
+__all__ = ["pack_documents", "batch_rows", "batch_prefix_sums", "byte_tokens", "check_packed_rows",
+           "check_packed_batch", "write_mindrecord"]
 
 COLUMNS = ("input_ids", "labels", "loss_mask", "position_ids", "actual_seq_len")
 
@@ -170,3 +171,49 @@ def batch_prefix_sums(actual_seq_len, seq_length):
     actual_seq_len = np.asarray(actual_seq_len, dtype=np.int64)
     offsets = np.arange(actual_seq_len.shape[0], dtype=np.int64)[:, None] * seq_length
     return (actual_seq_len + offsets).reshape(-1).astype(np.int32)
+
+
+def check_packed_batch(batch):
+    """Check one batch as MindFormers' packed dataset gives it to the model, on the host: the ``(B, S)``
+    columns of :func:`check_packed_rows` and ``actual_seq_len`` (``(B, E)`` or ``(B*E,)``) as prefix
+    sums over the flattened ``B*S`` tokens (row ``b``'s ends offset by ``b * S``, as
+    :func:`batch_prefix_sums` and MindFormers' ``asl_batch_wrapper`` make them). ``ValueError`` naming
+    the row, the column, the value and the rule at the first violation (then :func:`check_packed_rows`'
+    rules, on the rows' own ends).
+    """
+    if "input_ids" not in batch or "actual_seq_len" not in batch:
+        raise ValueError(f"check_packed_batch: missing columns (need {list(COLUMNS)}), got {sorted(batch)}.")
+    count, seq_length = np.shape(batch["input_ids"])
+    ends = np.asarray(batch["actual_seq_len"], np.int64)
+    if ends.size % max(count, 1):
+        raise ValueError(f"check_packed_batch: 'actual_seq_len' must hold the same number of ends for each of the "
+                         f"{count} rows, but got shape {ends.shape}.")
+    ends = ends.reshape(count, -1)
+    for r in range(count):
+        low, high = r * seq_length, (r + 1) * seq_length
+        outside = np.flatnonzero((ends[r] < low) | (ends[r] > high))
+        if outside.size:
+            raise ValueError(f"check_packed_batch: row {r}, column 'actual_seq_len': {int(ends[r, outside[0]])} is "
+                             f"outside [{low}, {high}]; a batch's ends are prefix sums over its flattened B*S tokens, "
+                             f"row {r}'s offset by {r}*S (row ends {ends[r].tolist()}; rows' own ends need the offsets "
+                             f"MindFormers' batching adds, see nsa_layers.mindformers.PackedMindRecordLoader).")
+    rows = {key: np.asarray(batch[key]) for key in COLUMNS if key in batch}
+    rows["actual_seq_len"] = ends - np.arange(count)[:, None] * seq_length
+    check_packed_rows(rows)
+
+
+def write_mindrecord(rows, path):
+    """Write packed rows (:func:`pack_documents`' columns, checked first) as one MindRecord file
+    ``path`` (and its ``.db`` index), replacing them if present; each row one sample, each column a
+    1-D int32 (``loss_mask`` float32) field. Returns ``path``."""
+    from mindspore.mindrecord import FileWriter
+
+    check_packed_rows(rows)
+    writer = FileWriter(path, shard_num=1, overwrite=True)
+    writer.add_schema({key: {"type": "float32" if key == "loss_mask" else "int32", "shape": [-1]}
+                       for key in COLUMNS}, "nsa packed rows")
+    count = rows["input_ids"].shape[0]
+    writer.write_raw_data([{key: np.asarray(rows[key][r], np.float32 if key == "loss_mask" else np.int32)
+                            for key in COLUMNS} for r in range(count)])
+    writer.commit()
+    return path

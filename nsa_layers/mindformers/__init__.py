@@ -9,7 +9,11 @@ Importing this module registers, with ``MindFormerRegister`` (``legacy=False``):
   unchanged, so a Qwen3 checkpoint loads and only the NSA parameters (gate, compressors) start from
   their initialisation;
 - :class:`NSATrainOneStepCell` (``runner_wrapper: {type: NSATrainOneStepCell}``): MindFormers' train
-  wrapper with an overflow check that runs on CPU.
+  wrapper with an overflow check that runs on CPU;
+- :class:`PackedMindRecordLoader` (``train_dataset.data_loader``): packed rows from MindRecord files,
+  batched by MindFormers with the row offsets of ``actual_seq_len``;
+- the callbacks :class:`PackedDataCheck` (the first batch checked on the host) and
+  :class:`NSAProgressBar` (loss and tokens per second).
 
 ``nsa_layers`` itself never imports MindFormers; this module needs the ``mindformers`` extra.
 """
@@ -25,7 +29,10 @@ from .spec import get_nsa_layer_spec
 from .model import NSAQwen3ForCausalLM
 from .cpu import apply_cpu_swaps, NSATrainOneStepCell
 from .selection_probe import LayerSelection
+from .dataset import PackedMindRecordLoader
+from .callbacks import NSAProgressBar, PackedDataCheck
 
 __all__ = ["NSAQwen3Config", "NSA_CONFIG_KEYS", "NSACoreAttention", "NSASelfAttentionSubmodules",
            "GPTNSASelfAttention", "GPTNSASelfAttentionContiguous", "get_nsa_layer_spec", "NSAQwen3ForCausalLM",
-           "apply_cpu_swaps", "NSATrainOneStepCell", "LayerSelection"]
+           "apply_cpu_swaps", "NSATrainOneStepCell", "LayerSelection", "PackedMindRecordLoader", "PackedDataCheck",
+           "NSAProgressBar"]

@@ -20,7 +20,8 @@ def test_compress_packed_batch_example(extra, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_nsa_example_shortened(tmp_path):
-    """`make demo`'s script end to end, shortened: trains, saves, reloads (same loss), continues a
+    """`make demo`'s script end to end, shortened: writes the rows as MindRecord, trains through
+    mindformers.Trainer (which checkpoints), reloads the Trainer's checkpoint (same loss), continues a
     held-out prompt before and after training with the NSA cache, draws the PNG."""
     from PIL import Image
 
@@ -31,6 +32,11 @@ def test_finetune_nsa_example_shortened(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "NSAQwen3ForCausalLM" in out and "documents per row" in out
+    assert f"training rows for MindFormers: {out_dir / 'data' / 'train.mindrecord'}" in out
+    assert "training with mindformers.Trainer: AdamW" in out and "NSATrainOneStepCell, 3 steps of 2 rows" in out
+    assert re.search(r"train: 100%.*3/3", out), out[-2000:]
+    ckpt = out_dir / "checkpoint" / "iteration_00000003" / "CKP-model-0000000-0000001.safetensors"
+    assert f"checkpoint (written by the Trainer): {ckpt}" in out
     assert "reloaded into a fresh model (0 parameters not loaded)" in out and "-> same" in out
     assert "greedy continuation before training: '" in out and "greedy continuation after training:  '" in out
     assert re.search(r"decode with the NSA cache: \d+\.\d tokens/s", out), out[-2000:]
@@ -38,4 +44,4 @@ def test_finetune_nsa_example_shortened(tmp_path):
     assert f"selection picture: {png}" in out
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 128 and image.height > 40
-    assert (out_dir / "nsa_qwen3_tiny.ckpt").is_file()
+    assert ckpt.is_file()

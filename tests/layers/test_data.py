@@ -118,3 +118,55 @@ def test_pack_documents_refuses_non_token_documents():
         pack_documents([np.arange(3), np.array([1.5, 2.0])], 4, 2, PAD)
     with pytest.raises(ValueError, match="document 0 must hold non-negative integer token ids.*minimum -2"):
         pack_documents([np.array([3, -2])], 4, 2, PAD)
+
+
+@pytest.mark.parametrize("kind", ["position", "boundary_loss", "label", "mask_value", "ends_order", "ends_range"])
+@given(lengths=st.lists(st.integers(1, 30), min_size=2, max_size=8), seq_length=st.integers(2, 16),
+       seed=st.integers(0, 1000))
+def test_check_packed_batch_takes_global_ends_and_names_the_row_of_any_inconsistency(kind, lengths, seq_length,
+                                                                                     seed):
+    """A batch as MindFormers gives it (ends over the flattened B*S tokens) passes when consistent; a
+    corrupted row is named (a row's own ends out of order or range fall outside the row's span)."""
+    from nsa_layers.data import check_packed_batch
+
+    rng = np.random.default_rng(seed)
+    rows = pack_documents([rng.integers(0, 256, n) for n in lengths], seq_length, 3, PAD)
+    take = list(range(rows["input_ids"].shape[0]))
+    check_packed_batch(batch_rows(rows, take))
+    bad, r, column = _corrupt(rows, kind, rng)
+    batch = {key: value for key, value in bad.items() if key != "actual_seq_len"}
+    batch["actual_seq_len"] = batch_prefix_sums(bad["actual_seq_len"], seq_length).reshape(len(take), -1)
+    with pytest.raises(ValueError, match=rf"row {r}, column '{column}'"):
+        check_packed_batch(batch)
+
+
+def test_check_packed_batch_refuses_rows_own_ends_in_a_batch_of_several():
+    from nsa_layers.data import check_packed_batch
+
+    rows = pack_documents([np.arange(5), np.arange(9), np.arange(4), np.arange(6)], 8, 3, PAD)
+    assert rows["input_ids"].shape[0] >= 2
+    with pytest.raises(ValueError, match=r"row 1, column 'actual_seq_len': \d+ is outside \[8, 16\]; a batch's ends "
+                                         r"are prefix sums over its flattened B\*S tokens"):
+        check_packed_batch(rows)  # the rows' own ends, as a plain MindDataset gives them
+    check_packed_batch({key: value[:1] for key, value in rows.items()})  # one row: its own ends are global
+
+
+def test_write_mindrecord_round_trip(tmp_path):
+    """The MindRecord file holds the rows exactly (MindSpore's MindDataset reads them back); bad rows
+    are refused before anything is written."""
+    import mindspore.dataset as ds
+    from nsa_layers.data import COLUMNS, write_mindrecord
+
+    rng = np.random.default_rng(4)
+    rows = pack_documents([rng.integers(0, 256, n) for n in (7, 20, 3, 12)], 16, 3, PAD)
+    path = write_mindrecord(rows, str(tmp_path / "rows.mindrecord"))
+    read = list(ds.MindDataset(path, columns_list=list(COLUMNS), shuffle=False).create_dict_iterator(output_numpy=True))
+    assert len(read) == rows["input_ids"].shape[0]
+    for r, sample in enumerate(read):
+        for key in COLUMNS:
+            assert sample[key].dtype == rows[key].dtype
+            np.testing.assert_array_equal(sample[key], rows[key][r])
+    bad, r, column = _corrupt(rows, "label", rng)
+    with pytest.raises(ValueError, match=rf"row {r}, column '{column}'"):
+        write_mindrecord(bad, str(tmp_path / "bad.mindrecord"))
+    assert not (tmp_path / "bad.mindrecord").exists()
