@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine (a virtual environment in .venv with the pinned stack):
-#   make demo      runs the main example
+#   make demo      runs the main example (flags: make demo ARGS="--pretrained DIR")
 #   make test      runs the fast test tier (at most 5 minutes on 2 cores)
 #   make test-all  runs every test (what CI runs: .ci/run)
 PYTHON ?= python3
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/finetune_nsa.py
+	$(PY) examples/finetune_nsa.py $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"

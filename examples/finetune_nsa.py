@@ -3,7 +3,9 @@
 What it does (``make demo`` runs it with the defaults, in a few minutes on 2 cores):
 
 1. builds the model from ``configs/nsa_qwen3_tiny_cpu.yaml`` through the MindFormers registry
-   (``model_type: nsa_qwen3``, ``architectures: [NSAQwen3ForCausalLM]``);
+   (``model_type: nsa_qwen3``, ``architectures: [NSAQwen3ForCausalLM]``); with ``--pretrained DIR``
+   its sizes come from a Hugging Face Qwen3 checkpoint's ``config.json`` and its Qwen3 weights from
+   the checkpoint, through MindFormers' loader;
 2. byte-tokenises the Python documentation topics shipped with the standard library
    (``pydoc_data``), cuts them into paragraph-sized documents, packs them into rows with their
    ends as ``actual_seq_len`` (positions restart at every document) and writes the training rows
@@ -50,6 +52,10 @@ def parse_args(argv=None):
                              "--set nsa_window_size=128 (repeatable)")
     parser.add_argument("--out-dir", default=os.path.join("output", "finetune_nsa"),
                         help="where the training rows, the Trainer's logs and checkpoints, and the PNG go")
+    parser.add_argument("--pretrained", default=None, metavar="DIR",
+                        help="start from a Hugging Face Qwen3 directory (config.json + *.safetensors): sizes "
+                             "from its config.json, weights through MindFormers' loader, text through its "
+                             "tokenizer when it has one (bytes otherwise)")
     parser.add_argument("--new-tokens", type=int, default=60, help="greedy continuation length of the held-out prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="keep MindSpore's and MindFormers' logs on the console")
@@ -57,14 +63,55 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------- data
-def documents(max_doc_bytes, seed):
-    """The Python documentation topics from the standard library, as byte-token documents.
+class ByteText:
+    """Byte-level tokens (the tiny YAML's vocabulary: bytes 0..255, 256 padding)."""
+
+    unit = "bytes"
+
+    @staticmethod
+    def encode(text):
+        from nsa_layers.data import byte_tokens
+
+        return byte_tokens(text)
+
+    @staticmethod
+    def decode(tokens):
+        """A printable one-line string (padding and invalid UTF-8 shown escaped)."""
+        return repr(bytes(int(t) for t in tokens if t < 256).decode("utf-8", errors="replace"))
+
+
+class TokenizerText:
+    """The tokenizer of a Hugging Face checkpoint directory (``transformers``, installed with MindFormers)."""
+
+    unit = "tokens"
+
+    def __init__(self, directory):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+
+    def encode(self, text):
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
+
+    def decode(self, tokens):
+        return repr(self.tokenizer.decode([int(t) for t in tokens]))
+
+
+def text_codec(pretrained):
+    """The checkpoint's tokenizer when ``pretrained`` has one, bytes otherwise."""
+    if pretrained and any(os.path.isfile(os.path.join(pretrained, name))
+                          for name in ("tokenizer.json", "tokenizer_config.json")):
+        return TokenizerText(pretrained)
+    return ByteText()
+
+
+def documents(max_doc_bytes, seed, text):
+    """The Python documentation topics from the standard library, as token documents (``text.encode``).
 
     Each topic is cut at blank lines into paragraphs, merged in order up to ``max_doc_bytes``; so
     rows hold several documents of varied lengths. Shuffled with ``seed``.
     """
     from pydoc_data.topics import topics
-    from nsa_layers.data import byte_tokens
 
     docs = []
     for name in sorted(topics):
@@ -77,7 +124,7 @@ def documents(max_doc_bytes, seed):
         if current.strip():
             docs.append(current)
     random.Random(seed).shuffle(docs)
-    return [byte_tokens(doc) for doc in docs]
+    return [text.encode(doc) for doc in docs]
 
 
 def packed_splits(docs, seq_length, max_segments, pad_id):
@@ -111,14 +158,24 @@ def write_training_rows(rows, steps, batch_size, data_dir):
 
 
 # ---------------------------------------------------------------------------------------- model
+# what --pretrained takes from the checkpoint's config.json instead of the YAML
+PRETRAINED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+                   "tie_word_embeddings", "pad_token_id", "eos_token_id")
+
+
 def load_config(args):
     from mindformers.tools.register import MindFormerConfig
 
     cfg = MindFormerConfig(args.config)
     model_cfg = cfg.model.model_config
+    if args.pretrained:  # the checkpoint's sizes and special tokens: MindFormers reads its config.json
+        for key in PRETRAINED_KEYS:
+            model_cfg.pop(key, None)
+        cfg.model.pretrained_model_dir = args.pretrained
     if args.seq_length:
         model_cfg.seq_length = args.seq_length
-        model_cfg.max_position_embeddings = max(args.seq_length, model_cfg.max_position_embeddings)
+        model_cfg.max_position_embeddings = max(args.seq_length, model_cfg.get("max_position_embeddings") or 0)
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -255,11 +312,11 @@ def selection_picture(net, rows, row_index, path, select_block_size):
 
 
 # ----------------------------------------------------------------------------------------- main
-PROMPT_BYTES = 100
+PROMPT_TOKENS = 100
 
 
 def held_out_prompt(rows, length):
-    """The first ``length`` bytes (at most) of the first held-out document."""
+    """The first ``length`` tokens (at most) of the first held-out document."""
     first_end = int(rows["actual_seq_len"][0][0])
     return rows["input_ids"][0, :min(length, first_end)].astype(np.int32)
 
@@ -273,11 +330,6 @@ def continuation(net, prompt, new_tokens):
     net.set_train(training)
     timing = net.nsa_generation_timing
     return out[prompt.size:], (timing["steps"] - 1) / max(1e-9, timing["step_s"] - timing["first_step_s"])
-
-
-def as_text(tokens):
-    """Byte tokens as a printable one-line string (padding and invalid UTF-8 shown escaped)."""
-    return repr(bytes(int(t) for t in tokens if t < 256).decode("utf-8", errors="replace"))
 
 
 def quiet_mindformers_console():
@@ -301,31 +353,39 @@ def main(argv=None):
     if not args.verbose:
         quiet_mindformers_console()
     ms.set_seed(args.seed)
-    model_cfg = cfg.model.model_config
-    seq_length, batch_size = int(model_cfg.seq_length), int(cfg.runner_config.batch_size)
-    pad_id = int(model_cfg.pad_token_id)
-    max_segments = max(2, seq_length // 32)
+    net = build(cfg, args.verbose)
+    net.set_train(True)
+    model_cfg = net.config
+    if args.pretrained:
+        from mindformers.checkpoint.checkpoint import load_hf_checkpoint
 
-    docs = documents(args.max_doc_bytes, args.seed)
+        load_hf_checkpoint(pretrained_model_dir=args.pretrained, network=net)
+    nsa = model_cfg.nsa_config()
+    print(f"model: {type(net).__name__}, {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, "
+          f"{sum(p.size for p in net.trainable_params())} parameters"
+          f"{f' (Qwen3 weights from {args.pretrained})' if args.pretrained else ''}; NSA l={nsa.compress_block_size} "
+          f"d={nsa.compress_stride} l'={nsa.select_block_size} n={nsa.select_block_count} w={nsa.window_size}; "
+          f"CPU swaps: {', '.join(net.cpu_swaps) or 'none'}")
+
+    seq_length, batch_size = int(model_cfg.seq_length), int(cfg.runner_config.batch_size)
+    pad_id = int(model_cfg.pad_token_id if model_cfg.pad_token_id is not None else model_cfg.eos_token_id)
+    max_segments = max(2, seq_length // 32)
+    text = text_codec(args.pretrained)
+    docs = documents(args.max_doc_bytes, args.seed, text)
     train_rows, eval_rows = packed_splits(docs, seq_length, max_segments, pad_id)
     per_row = (train_rows["actual_seq_len"] < seq_length).sum(1) + 1
     data_file = write_training_rows(train_rows, args.steps, batch_size, cfg.train_dataset.data_loader.dataset_dir)
-    print(f"data: {len(docs)} documents from pydoc_data, {train_rows['input_ids'].shape[0]} training rows of "
-          f"{seq_length} tokens ({per_row.mean():.1f} documents per row on average), "
+    print(f"data: {len(docs)} documents from pydoc_data ({text.unit}), {train_rows['input_ids'].shape[0]} training "
+          f"rows of {seq_length} tokens ({per_row.mean():.1f} documents per row on average), "
           f"{eval_rows['input_ids'].shape[0]} held-out rows; training rows for MindFormers: {data_file}")
-
-    net = build(cfg, args.verbose)
-    net.set_train(True)
-    nsa = net.config.nsa_config()
-    print(f"model: {type(net).__name__}, {model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}, "
-          f"{sum(p.size for p in net.trainable_params())} parameters; NSA l={nsa.compress_block_size} "
-          f"d={nsa.compress_stride} l'={nsa.select_block_size} n={nsa.select_block_count} w={nsa.window_size}; "
-          f"CPU swaps: {', '.join(net.cpu_swaps) or 'none'}")
 
     held_out = HeldOutLoss(net)
     before = held_out(eval_rows, batch_size)
     print(f"held-out loss before training: {before:.4f} (uniform guess: {np.log(model_cfg.vocab_size):.4f})")
-    prompt = held_out_prompt(eval_rows, PROMPT_BYTES)
+    if args.new_tokens >= seq_length:
+        raise SystemExit(f"--new-tokens must be below the row length {seq_length} (the prompt and its "
+                         f"continuation fit in one row), got {args.new_tokens}")
+    prompt = held_out_prompt(eval_rows, min(PROMPT_TOKENS, seq_length - args.new_tokens))
     continuation_before, _ = continuation(net, prompt, args.new_tokens)
 
     print(f"training with mindformers.Trainer: {cfg.optimizer.type}, {cfg.lr_schedule.type} "
@@ -348,9 +408,9 @@ def main(argv=None):
           f"{'same' if abs(reloaded - after) <= 1e-6 * max(1.0, abs(after)) else 'DIFFERENT'}")
 
     continuation_after, speed = continuation(net, prompt, args.new_tokens)
-    print(f"held-out prompt ({prompt.size} bytes): {as_text(prompt)}")
-    print(f"  greedy continuation before training: {as_text(continuation_before)}")
-    print(f"  greedy continuation after training:  {as_text(continuation_after)}")
+    print(f"held-out prompt ({prompt.size} {text.unit}): {text.decode(prompt)}")
+    print(f"  greedy continuation before training: {text.decode(continuation_before)}")
+    print(f"  greedy continuation after training:  {text.decode(continuation_after)}")
     print(f"  decode with the NSA cache: {speed:.1f} tokens/s (batch 1, after compilation)")
 
     documents_per_row = (eval_rows["actual_seq_len"] < seq_length).sum(1)

@@ -19,19 +19,28 @@ def test_compress_packed_batch_example(extra, tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_nsa_example_shortened(tmp_path):
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_finetune_nsa_example_shortened(tmp_path, pretrained):
     """`make demo`'s script end to end, shortened: writes the rows as MindRecord, trains through
     mindformers.Trainer (which checkpoints), reloads the Trainer's checkpoint (same loss), continues a
     held-out prompt before and after training with the NSA cache, draws the PNG."""
     from PIL import Image
 
     out_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, str(EXAMPLES / "finetune_nsa.py"), "--steps", "3", "--seq-length", "128",
-                             "--new-tokens", "8", "--out-dir", str(out_dir)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                            check=False)
+    extra = []
+    if pretrained:  # a tiny Hugging Face Qwen3 checkpoint (its sizes: 64-token rows)
+        from helpers.hf_qwen3 import write_hf_qwen3
+
+        write_hf_qwen3(tmp_path / "qwen3", seed=4)
+        extra = ["--pretrained", str(tmp_path / "qwen3")]
+    result = subprocess.run([sys.executable, str(EXAMPLES / "finetune_nsa.py"), "--steps", "3", "--seq-length",
+                             "64" if pretrained else "128", "--new-tokens", "8", "--out-dir", str(out_dir), *extra],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "NSAQwen3ForCausalLM" in out and "documents per row" in out
+    assert (f"(Qwen3 weights from {tmp_path / 'qwen3'})" in out) == pretrained
+    assert ("2 layers, hidden 64," if pretrained else "2 layers, hidden 128,") in out  # sizes from config.json
     assert f"training rows for MindFormers: {out_dir / 'data' / 'train.mindrecord'}" in out
     assert "training with mindformers.Trainer: AdamW" in out and "NSATrainOneStepCell, 3 steps of 2 rows" in out
     assert re.search(r"train: 100%.*3/3", out), out[-2000:]
