@@ -31,8 +31,9 @@ def _first_batch(dataset):
 class PackedDataCheck(Callback):
     """Checks the training dataset's first batch with :func:`nsa_layers.data.check_packed_batch` when
     training begins (before the first step compiles): ``ValueError`` naming the row, the column, the
-    value and the rule. Every later batch is checked by the model itself, in the graph
-    (``NSAQwen3ForCausalLM``: ``actual_seq_len`` only)."""
+    value and the rule. The dataset must have the five packed columns (``nsa_layers.data.COLUMNS``).
+    Every later batch is checked by the model itself, in the graph (``NSAQwen3ForCausalLM``:
+    ``actual_seq_len`` only). The batch is read by an iterator of its own, before training starts."""
 
     def __init__(self):
         super().__init__()

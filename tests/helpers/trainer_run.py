@@ -1,9 +1,15 @@
 """One ``mindformers.Trainer`` run of the tiny YAML (scaled down as ``helpers.mindformers.SMALL``), as
 its own process, the way ``run_mindformer.py`` runs: the rows go to a MindRecord file that the YAML's
 dataset reads, the YAML's optimizer, wrapper and callbacks train, checkpoints are saved every
-``--save-every`` steps. Prints one JSON line: ``{"losses": [...], "start_step": n}``.
+``--save-every`` steps. Prints one JSON line: ``{"losses": [...], "start_step": n, "unused": [...]}``.
 
     python trainer_run.py OUT_DIR --rows repeated|varied [--resume ITERATION_DIR] [--loader NAME]
+                          [--hf HF_DIR [--qkv-concat]]
+
+``--hf`` starts from a Hugging Face checkpoint by MindFormers' legacy route (``load_checkpoint`` +
+``load_ckpt_format: safetensors``, as the 32k YAML and MindFormers' finetune_qwen3.yaml do; sizes
+from its config.json), trains at learning rate 0 and lists the checkpoint tensors whose rows are
+not in the loaded model (``unused``).
 """
 
 import argparse
@@ -41,6 +47,8 @@ def main():
     parser.add_argument("--save-every", type=int, default=4)
     parser.add_argument("--resume", default=None, help="an iteration_* checkpoint directory")
     parser.add_argument("--loader", default="PackedMindRecordLoader")
+    parser.add_argument("--hf", default=None, help="a Hugging Face Qwen3 directory, loaded by the legacy route")
+    parser.add_argument("--qkv-concat", action="store_true")
     args = parser.parse_args()
 
     from mindformers import Trainer
@@ -65,10 +73,39 @@ def main():
     if args.resume:
         cfg.checkpoint.load_path = args.resume
         cfg.checkpoint.no_load_optim = False
+    if args.hf:
+        from helpers.hf_qwen3 import SIZE_KEYS
+
+        for key in SIZE_KEYS:
+            cfg.model.model_config.pop(key, None)
+        cfg.model.pretrained_model_dir = args.hf
+        cfg.model.model_config.qkv_concat = args.qkv_concat
+        cfg.pop("checkpoint")  # the legacy route: no checkpoint section
+        cfg.callbacks = [c for c in cfg.callbacks if c["type"] != "CheckpointMonitor"]
+        cfg.load_checkpoint, cfg.load_ckpt_format = args.hf, "safetensors"
+        cfg.lr_schedule.learning_rate = 0.0
     build_context(cfg)
     bar = NSAProgressBar(file=sys.stderr)
-    Trainer(args=cfg, task="text_generation", model=build(cfg), callbacks=[bar]).train()
-    print(json.dumps({"losses": bar.losses, "start_step": bar.start_step}))
+    net = build(cfg)
+    Trainer(args=cfg, task="text_generation", model=net, callbacks=[bar]).train()
+    print(json.dumps({"losses": bar.losses, "start_step": bar.start_step, "unused": unused(net, args.hf)}))
+
+
+def unused(net, hf_dir):
+    """Checkpoint tensors of ``hf_dir`` with a row that no parameter of ``net`` holds."""
+    if not hf_dir:
+        return []
+    import glob
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    rows = {row.tobytes() for p in net.get_parameters() for row in np.atleast_2d(p.asnumpy())}
+    tensors = {}
+    for path in glob.glob(os.path.join(hf_dir, "*.safetensors")):
+        tensors.update(load_file(path))
+    return sorted(name for name, value in tensors.items()
+                  if not all(row.tobytes() in rows for row in np.atleast_2d(value)))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,8 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from helpers.hf_qwen3 import stock_qwen3, write_hf_qwen3
+from helpers.hf_qwen3 import SIZE_KEYS, stock_qwen3, write_hf_qwen3
 from helpers.mindformers import LARGE_YAML, build, tiny_config
-
-# what the YAML leaves to config.json
-SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-             "tie_word_embeddings")
 NSA_OWN = ("self_attention.gate.", "self_attention.core_attention.", "self_attention.linear_kv_branches.")
 
 
@@ -108,3 +103,32 @@ def test_nsa_reduced_to_dense_attention_gives_stock_qwen3_logits(tmp_path):
     assert expected.shape == (128, 257) and np.abs(expected).max() > 1.0
     np.testing.assert_allclose(dense, expected, rtol=1e-5, atol=2e-5)
     assert np.abs(as_initialised - expected).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_legacy_load_route_of_the_32k_yaml_needs_qkv_concat(tmp_path):
+    """MindFormers' legacy route (``load_checkpoint`` + ``load_ckpt_format: safetensors``, the 32k
+    YAML's and MindFormers' finetune_qwen3.yaml's) through the Trainer on one device: with
+    ``qkv_concat: True`` (the 32k YAML's setting) MindFormers converts the checkpoint and every tensor
+    is used; without it MindFormers fails in its own loader (a TypeError from ``load_param_into_net``),
+    which the tiny YAML avoids by the new route (its ``checkpoint`` section, ``load_hf_checkpoint``)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "helpers" / "trainer_run.py"
+    write_hf_qwen3(tmp_path / "qwen3", seed=5)
+
+    def run(out, *extra):
+        return subprocess.run([sys.executable, str(script), str(tmp_path / out), "--steps", "1", "--hf",
+                               str(tmp_path / "qwen3"), *extra], capture_output=True, text=True, timeout=600,
+                              check=False)
+
+    concat = run("concat", "--qkv-concat")
+    assert concat.returncode == 0, concat.stderr[-3000:]
+    assert json.loads(concat.stdout.strip().splitlines()[-1])["unused"] == []
+    assert (tmp_path / "concat" / "nsa_qwen3_ms_converted_weight").is_dir()  # MindFormers' conversion
+    plain = run("plain")
+    assert plain.returncode != 0
+    assert "TypeError" in plain.stderr and "load_param_into_net" in plain.stderr, plain.stderr[-3000:]
