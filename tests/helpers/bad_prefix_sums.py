@@ -33,7 +33,10 @@ def core_inputs(seed=0):
 
 def assert_check_refuses(mode, ends, value, index):
     """``checked_prefix_sums`` raises ValueError naming the argument, the rule, the bad value and
-    its index, and passes valid values through (a leading 0, repeats, padding), flattened."""
+    its index, and passes valid values through (a leading 0, repeats, padding), flattened. The call
+    itself raises, before any output is read: under MindFormers' strict syntax level an ``ops.Assert``
+    in a graph only fails at the next read of a tensor (why the earlier Assert check "did not fire"
+    in the suite)."""
     def check(actual_seq_len):
         return checked_prefix_sums("Cell", actual_seq_len, T)
 
