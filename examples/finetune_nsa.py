@@ -158,21 +158,15 @@ def write_training_rows(rows, steps, batch_size, data_dir):
 
 
 # ---------------------------------------------------------------------------------------- model
-# what --pretrained takes from the checkpoint's config.json instead of the YAML
-PRETRAINED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                   "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-                   "tie_word_embeddings", "pad_token_id", "eos_token_id")
-
-
 def load_config(args):
     from mindformers.tools.register import MindFormerConfig
 
     cfg = MindFormerConfig(args.config)
-    model_cfg = cfg.model.model_config
     if args.pretrained:  # the checkpoint's sizes and special tokens: MindFormers reads its config.json
-        for key in PRETRAINED_KEYS:
-            model_cfg.pop(key, None)
-        cfg.model.pretrained_model_dir = args.pretrained
+        from nsa_layers.mindformers import use_checkpoint_config
+
+        use_checkpoint_config(cfg, args.pretrained)
+    model_cfg = cfg.model.model_config
     if args.seq_length:
         model_cfg.seq_length = args.seq_length
         model_cfg.max_position_embeddings = max(args.seq_length, model_cfg.get("max_position_embeddings") or 0)
@@ -187,6 +181,9 @@ def load_config(args):
         cfg.runner_config.batch_size = args.batch_size
     if args.lr:
         cfg.lr_schedule.learning_rate = args.lr
+    if args.new_tokens >= int(model_cfg.seq_length):
+        raise SystemExit(f"--new-tokens must be below the row length {model_cfg.seq_length} (the prompt and its "
+                         f"continuation fit in one row), got {args.new_tokens}")
     # what the run writes goes under --out-dir: the training rows, the Trainer's logs and checkpoints
     cfg.output_dir = args.out_dir
     cfg.train_dataset.data_loader.dataset_dir = os.path.join(args.out_dir, "data")
@@ -382,9 +379,6 @@ def main(argv=None):
     held_out = HeldOutLoss(net)
     before = held_out(eval_rows, batch_size)
     print(f"held-out loss before training: {before:.4f} (uniform guess: {np.log(model_cfg.vocab_size):.4f})")
-    if args.new_tokens >= seq_length:
-        raise SystemExit(f"--new-tokens must be below the row length {seq_length} (the prompt and its "
-                         f"continuation fit in one row), got {args.new_tokens}")
     prompt = held_out_prompt(eval_rows, min(PROMPT_TOKENS, seq_length - args.new_tokens))
     continuation_before, _ = continuation(net, prompt, args.new_tokens)
 

@@ -23,7 +23,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the installation
     raise ImportError("nsa_layers.mindformers needs MindFormers 1.9: pip install 'nsa-layers[mindformers]'") from err
 
-from .configuration import NSAQwen3Config, NSA_CONFIG_KEYS
+from .configuration import NSAQwen3Config, NSA_CONFIG_KEYS, CHECKPOINT_KEYS, use_checkpoint_config
 from .attention import NSACoreAttention, NSASelfAttentionSubmodules, GPTNSASelfAttention, GPTNSASelfAttentionContiguous
 from .spec import get_nsa_layer_spec
 from .model import NSAQwen3ForCausalLM
@@ -32,7 +32,7 @@ from .selection_probe import LayerSelection
 from .dataset import PackedMindRecordLoader
 from .callbacks import NSAProgressBar, PackedDataCheck
 
-__all__ = ["NSAQwen3Config", "NSA_CONFIG_KEYS", "NSACoreAttention", "NSASelfAttentionSubmodules",
-           "GPTNSASelfAttention", "GPTNSASelfAttentionContiguous", "get_nsa_layer_spec", "NSAQwen3ForCausalLM",
-           "apply_cpu_swaps", "NSATrainOneStepCell", "LayerSelection", "PackedMindRecordLoader", "PackedDataCheck",
-           "NSAProgressBar"]
+__all__ = ["NSAQwen3Config", "NSA_CONFIG_KEYS", "CHECKPOINT_KEYS", "use_checkpoint_config", "NSACoreAttention",
+           "NSASelfAttentionSubmodules", "GPTNSASelfAttention", "GPTNSASelfAttentionContiguous", "get_nsa_layer_spec",
+           "NSAQwen3ForCausalLM", "apply_cpu_swaps", "NSATrainOneStepCell", "LayerSelection", "PackedMindRecordLoader",
+           "PackedDataCheck", "NSAProgressBar"]

@@ -8,7 +8,23 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ..config import NSAConfig
 
-__all__ = ["NSAQwen3Config", "NSA_CONFIG_KEYS"]
+__all__ = ["NSAQwen3Config", "NSA_CONFIG_KEYS", "CHECKPOINT_KEYS", "use_checkpoint_config"]
+
+# the model_config keys a Hugging Face Qwen3 checkpoint's config.json gives: sizes and special tokens
+CHECKPOINT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+                   "tie_word_embeddings", "pad_token_id", "eos_token_id")
+
+
+def use_checkpoint_config(cfg, directory):
+    """Make a MindFormers YAML config (``MindFormerConfig``) take its model's sizes and special tokens
+    from the Hugging Face checkpoint in ``directory``: the :data:`CHECKPOINT_KEYS` leave
+    ``model.model_config`` and ``model.pretrained_model_dir`` points MindFormers at the checkpoint's
+    ``config.json`` (every other key, e.g. the ``nsa_*`` sizes, stays the YAML's). In place; returns ``cfg``."""
+    for key in CHECKPOINT_KEYS:
+        cfg.model.model_config.pop(key, None)
+    cfg.model.pretrained_model_dir = str(directory)
+    return cfg
 
 # The NSA algorithm's own sizes (NSAConfig fields that the transformer config does not already give),
 # as ``nsa_<field>`` config keys with their defaults. Shared K/V by default here: the host model's one

@@ -17,11 +17,6 @@ HF_CONFIG = {
     "bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 256,
 }
 
-# the model_config keys a YAML leaves to config.json when it starts from a checkpoint
-SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-             "tie_word_embeddings")
-
 
 def hf_tensors(config, rng):
     """Random float32 weights under Qwen3's Hugging Face names (norm weights around 1)."""

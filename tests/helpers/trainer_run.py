@@ -74,11 +74,9 @@ def main():
         cfg.checkpoint.load_path = args.resume
         cfg.checkpoint.no_load_optim = False
     if args.hf:
-        from helpers.hf_qwen3 import SIZE_KEYS
+        from nsa_layers.mindformers import use_checkpoint_config
 
-        for key in SIZE_KEYS:
-            cfg.model.model_config.pop(key, None)
-        cfg.model.pretrained_model_dir = args.hf
+        use_checkpoint_config(cfg, args.hf)
         cfg.model.model_config.qkv_concat = args.qkv_concat
         cfg.pop("checkpoint")  # the legacy route: no checkpoint section
         cfg.callbacks = [c for c in cfg.callbacks if c["type"] != "CheckpointMonitor"]

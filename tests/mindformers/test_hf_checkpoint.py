@@ -7,16 +7,10 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from helpers.hf_qwen3 import SIZE_KEYS, stock_qwen3, write_hf_qwen3
+from helpers.hf_qwen3 import stock_qwen3, write_hf_qwen3
 from helpers.mindformers import LARGE_YAML, build, tiny_config
+from nsa_layers.mindformers import use_checkpoint_config
 NSA_OWN = ("self_attention.gate.", "self_attention.core_attention.", "self_attention.linear_kv_branches.")
-
-
-def _from_pretrained(cfg, directory):
-    for key in SIZE_KEYS:
-        cfg.model.model_config.pop(key, None)
-    cfg.model.pretrained_model_dir = str(directory)
-    return cfg
 
 
 def _load(net, directory):
@@ -43,14 +37,13 @@ def test_hf_checkpoint_loads_every_tensor_with_sizes_from_config_json(tmp_path, 
     """From both configs: the YAML's own keys (NSA sizes, qkv layout, dtypes) plus config.json's sizes."""
     from mindformers.tools.register import MindFormerConfig
 
-    config, tensors = write_hf_qwen3(tmp_path / "qwen3", seed=1)
+    _, tensors = write_hf_qwen3(tmp_path / "qwen3", seed=1)
     cfg = tiny_config() if yaml == "tiny" else MindFormerConfig(str(LARGE_YAML))
-    if yaml == "large":  # as run_mindformer.py imports it from --register_path; fit to the tiny rows
-        import nsa_layers.mindformers  # noqa: F401
+    if yaml == "large":  # registered by the import above, as run_mindformer.py's --register_path does; tiny rows
         cfg.model.model_config.pop("auto_register")
         cfg.model.model_config.seq_length = 64
         cfg.model.model_config.nsa_query_chunk_size = 32
-    net = build(_from_pretrained(cfg, tmp_path / "qwen3"))
+    net = build(use_checkpoint_config(cfg, tmp_path / "qwen3"))
     got = net.config
     assert (got.hidden_size, got.num_hidden_layers, got.num_attention_heads, got.num_key_value_heads,
             got.vocab_size, got.tie_word_embeddings) == (64, 2, 4, 2, 257, False)
@@ -76,11 +69,11 @@ def test_nsa_reduced_to_dense_attention_gives_stock_qwen3_logits(tmp_path):
     from mindformers.models.build_config import get_model_config
 
     _, tensors = write_hf_qwen3(tmp_path / "qwen3", seed=2)
-    nsa = build(_from_pretrained(tiny_config(nsa_window_size=64), tmp_path / "qwen3"))
+    nsa = build(use_checkpoint_config(tiny_config(nsa_window_size=64), tmp_path / "qwen3"))
     before = {p.name: p.asnumpy().copy() for p in nsa.get_parameters()}
     _load(nsa, tmp_path / "qwen3")
     _assert_every_tensor_used(nsa, tensors, before)
-    stock_cfg = _from_pretrained(tiny_config(), tmp_path / "qwen3")
+    stock_cfg = use_checkpoint_config(tiny_config(), tmp_path / "qwen3")
     model_cfg = stock_cfg.model.model_config
     for key in [key for key in model_cfg if key.startswith("nsa_")]:
         model_cfg.pop(key)
