@@ -163,13 +163,17 @@ class NSADecodeStep(nn.Cell):
         self.window_distance = Tensor(np.arange(cfg.window_size - 1, -1, -1, dtype=np.int32))
 
     def construct(self, q, k, v, gates, counts):
+        slot, position = step_positions(self.cache.lengths, counts, q.shape[0])
+        return self.attend(q, k, v, gates, counts, slot, position)
+
+    def attend(self, q, k, v, gates, counts, slot, position):
+        """The step with each new token's ``slot`` and ``position`` ``(Q,)`` int32 already known
+        (:func:`step_positions`; the self-attention step needs them for rotary first)."""
         self.core.check_inputs(q, k, v, gates)
         cfg = self.core.config
         dtype, out_dtype = cfg.ms_compute_dtype, q.dtype
         kv = self.core.branch_kv(k, v)
         q = q.astype(dtype)
-        total = q.shape[0]
-        slot, position = step_positions(self.cache.lengths, counts, total)
         self._write_tokens(kv, slot, position)
         self._write_compressed(kv, slot, position)
         o_cmp, blocks, valid = self._compressed_and_selection(q, slot, position)
@@ -396,9 +400,9 @@ class _SelfAttentionStep(nn.Cell):
         self.core_step = core_step
 
     def construct(self, hidden_states, counts):
-        position = step_positions(self.core_step.cache.lengths, counts, hidden_states.shape[0])[1]
+        slot, position = step_positions(self.core_step.cache.lengths, counts, hidden_states.shape[0])
         q, k, v, gates = self.attention.core_inputs(hidden_states, position)
-        out = self.core_step(q, k, v, gates, counts)[0]
+        out = self.core_step.attend(q, k, v, gates, counts, slot, position)[0]
         return self.attention.output(out, hidden_states.dtype)
 
 

@@ -18,6 +18,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from ..decode import NSADecoder
+from ..packing import token_positions
 
 __all__ = ["CachedGeneration"]
 
@@ -81,7 +82,7 @@ class _CacheSession:
         if first:  # prefill every prompt into its row's slot
             counts = valid_length
             tokens = np.concatenate([input_ids[b, :valid_length[b]] for b in range(batch)])
-            positions = np.concatenate([np.arange(n) for n in valid_length])
+            positions = token_positions(np.cumsum(valid_length))
             ends, slots = self.decoders[0].check_prefill(tokens.size, np.cumsum(valid_length), np.arange(batch))
             request = (ends, slots)
         else:  # one new token for each row whose valid length grew (finished rows stay)
@@ -113,10 +114,10 @@ class CachedGeneration:
 
     ``model.generate(...)`` is MindFormers' (same arguments, same outputs); set ``model.nsa_cache =
     False`` for the cache-free path. The cache holds ``seq_length`` tokens per row (MindFormers'
-    loop never lets a row reach it); a finished row takes no more tokens. The cache-free path gets the ``position_ids`` MindFormers' ``use_eod_reset`` needs
-    (each row one document from position 0). After a cached generation, ``nsa_generation_timing``
-    holds its wall-clock seconds: ``prefill_s``, ``steps``, ``step_s`` (all steps) and
-    ``first_step_s`` (the first, which compiles the step graph).
+    loop never lets a row reach it); a finished row takes no more tokens. The cache-free path gets
+    the ``position_ids`` MindFormers' ``use_eod_reset`` needs (each row one document from position 0).
+    After a cached generation, ``nsa_generation_timing`` holds its wall-clock seconds: ``prefill_s``,
+    ``steps``, ``step_s`` (all steps) and ``first_step_s`` (the first, which compiles the step graph).
     """
 
     nsa_cache = True
