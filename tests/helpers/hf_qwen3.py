@@ -64,6 +64,27 @@ def write_hf_qwen3(directory, seed=0, **config_changes):
     return config, tensors
 
 
+def read_hf_tensors(directory):
+    """Every tensor of the ``*.safetensors`` files in ``directory``, by name (NumPy)."""
+    import glob
+
+    from safetensors.numpy import load_file
+
+    tensors = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def unused_tensors(net, tensors):
+    """Names of the checkpoint ``tensors`` with a row that no parameter of ``net`` holds (a loaded
+    tensor's rows are rows of some parameter whatever the layout, e.g. q/k/v interleaved into
+    ``linear_qkv``), sorted."""
+    rows = {row.tobytes() for p in net.get_parameters() for row in np.atleast_2d(p.asnumpy())}
+    return sorted(name for name, value in tensors.items()
+                  if not all(row.tobytes() in rows for row in np.atleast_2d(value)))
+
+
 class DenseCausalCore(nn.Cell):
     """Plain softmax attention for the ``core_attention`` slot of MindFormers' stock ``SelfAttention``
     with ``use_flash_attention: False`` (float32 throughout, where the flash path casts q/k/v to float16).

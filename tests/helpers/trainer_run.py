@@ -90,20 +90,12 @@ def main():
 
 
 def unused(net, hf_dir):
-    """Checkpoint tensors of ``hf_dir`` with a row that no parameter of ``net`` holds."""
+    """Checkpoint tensors of ``hf_dir`` with a row that no parameter of ``net`` holds (none without one)."""
     if not hf_dir:
         return []
-    import glob
+    from helpers.hf_qwen3 import read_hf_tensors, unused_tensors
 
-    import numpy as np
-    from safetensors.numpy import load_file
-
-    rows = {row.tobytes() for p in net.get_parameters() for row in np.atleast_2d(p.asnumpy())}
-    tensors = {}
-    for path in glob.glob(os.path.join(hf_dir, "*.safetensors")):
-        tensors.update(load_file(path))
-    return sorted(name for name, value in tensors.items()
-                  if not all(row.tobytes() in rows for row in np.atleast_2d(value)))
+    return unused_tensors(net, read_hf_tensors(hf_dir))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from helpers.hf_qwen3 import stock_qwen3, write_hf_qwen3
+from helpers.hf_qwen3 import stock_qwen3, unused_tensors, write_hf_qwen3
 from helpers.mindformers import LARGE_YAML, build, tiny_config
 from nsa_layers.mindformers import use_checkpoint_config
 NSA_OWN = ("self_attention.gate.", "self_attention.core_attention.", "self_attention.linear_kv_branches.")
@@ -22,12 +22,9 @@ def _load(net, directory):
 def _assert_every_tensor_used(net, tensors, before):
     """Every row of every checkpoint tensor is a row of a loaded parameter (whatever the layout, e.g.
     q/k/v interleaved into linear_qkv); every Qwen3 parameter changed; NSA's own kept their values."""
-    params = {p.name: p.asnumpy() for p in net.get_parameters()}
-    rows = {row.tobytes() for value in params.values() for row in np.atleast_2d(value)}
-    unused = [name for name, value in tensors.items()
-              if not all(row.tobytes() in rows for row in np.atleast_2d(value))]
+    unused = unused_tensors(net, tensors)
     assert not unused, unused
-    for name, value in params.items():
+    for name, value in ((p.name, p.asnumpy()) for p in net.get_parameters()):
         nsa_own = any(part in name for part in NSA_OWN)
         assert np.array_equal(value, before[name]) == nsa_own, name
 
