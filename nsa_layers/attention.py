@@ -26,9 +26,9 @@ from .attention_math import group_queries, ungroup_outputs
 from .compressed_attention import CompressedAttention
 from .compressor import KVCompressor
 from .gate import GatedSum
-from .input_checks import check_float_input, check_kv_inputs, checked_prefix_sums
-from .layout import packed_layout
-from .selected_attention import BlockMaskedSelectedAttention, SelectedAttention
+from .input_checks import check_float_input, check_kv_inputs, check_query_offset, checked_prefix_sums
+from .layout import packed_layout, query_layout
+from .selected_attention import BlockMaskedSelectedAttention, SelectedAttention, dense_chunks
 from .sliding_window import SlidingWindowAttention
 
 __all__ = ["NativeSparseAttention", "NSADetails"]
@@ -58,6 +58,8 @@ class NativeSparseAttention(nn.Cell):
 
     Args:
         config (NSAConfig): sizes; ``compute_dtype`` is used for all arithmetic.
+        own_parameters (bool): False builds the compressors without parameters: every forward then
+            passes them (``compressors``), as one rank of a sharded core does (``nsa_layers.parallel``).
 
     Inputs:
         q (Tensor): ``(T, H, Dq)``.
@@ -68,25 +70,29 @@ class NativeSparseAttention(nn.Cell):
             int Tensor as MindFormers gives it (leading 0, repeated values and padding tolerated).
             Values must lie in ``[0, T]`` and not decrease: host values are checked while compiling,
             a Tensor's when the graph runs (``ValueError`` either way).
+        query_offset (int or None): the queries (and gates) are rows ``query_offset .. query_offset +
+            Tq - 1`` of the ``T`` rows of ``k`` and ``v``, which ``actual_seq_len`` lays out (static;
+            ``None``, the default: all of them, ``Tq = T``). Context parallelism gives each rank its own
+            query rows this way (``nsa_layers.parallel``).
 
     Outputs:
-        Tensor ``(T, H, Dv)`` in the dtype of ``q`` (empty for ``T = 0``).
+        Tensor ``(Tq, H, Dv)`` in the dtype of ``q`` (empty for ``Tq = 0``).
 
     Parameters: ``k_compressor`` and ``v_compressor`` (``KVCompressor``: per-head weights
     ``(l, Hkv)``, initialised as mean pooling; the value compressor also has the optional
     intra-block position embedding, see ``NSAConfig.use_position_embedding``).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, own_parameters=True):
         super().__init__()
         self.config = config
         # keys get no intra-block position embedding: it would be inert (see NSAConfig.use_position_embedding)
         self.k_compressor = KVCompressor(config.compress_block_size, config.num_kv_heads, config.head_dim,
-                                         use_position_embedding=False)
+                                         use_position_embedding=False, own_parameters=own_parameters)
         self.v_compressor = KVCompressor(config.compress_block_size, config.num_kv_heads, config.v_head_dim,
-                                         config.use_position_embedding)
+                                         config.use_position_embedding, own_parameters)
         self.compressed_attention = CompressedAttention(config)
-        self.selected_attention = SelectedAttention(config, first_chunk=config.select_dense_rows // config.query_chunk_size)
+        self.selected_attention = SelectedAttention(config)
         self.block_masked_selected_attention = BlockMaskedSelectedAttention(config)
         self.sliding_window = SlidingWindowAttention(config)
         self.gated_sum = GatedSum()
@@ -106,113 +112,134 @@ class NativeSparseAttention(nn.Cell):
         route = kernel_routing.route_for(self.config, total, packing.host_prefix_sums(actual_seq_len, total))
         return dict(route.paths), dict(route.reasons)
 
-    def construct(self, q, k, v, gates, actual_seq_len=None):
-        return self.forward_with_details(q, k, v, gates, actual_seq_len)["out"]
+    def construct(self, q, k, v, gates, actual_seq_len=None, query_offset=None):
+        return self.forward_with_details(q, k, v, gates, actual_seq_len, query_offset)["out"]
 
-    def forward_with_details(self, q, k, v, gates, actual_seq_len=None):
+    def forward_with_details(self, q, k, v, gates, actual_seq_len=None, query_offset=None, compressors=None):
         """Like calling the cell, plus the branch outputs and the selection (an :class:`NSADetails`).
 
         Inputs are checked before any work (``input_checks``); then the layout is built once, the
         branches run (on the Ascend kernels where ``kernel_routing`` allows) and are gated.
+        ``compressors`` (a :class:`~nsa_layers.compressor.CompressorWeights`, default the cell's own
+        parameters) gives the compressor weights as tensors: how a ``Morph`` body passes them
+        (``nsa_layers.parallel``).
         """
-        self.check_inputs(q, k, v, gates)
+        self.check_inputs(q, k, v, gates, query_offset)
         cfg = self.config
-        total = q.shape[0]
+        total = key_rows(k)
         if self.validates_prefix_sums and isinstance(actual_seq_len, Tensor):
             actual_seq_len = checked_prefix_sums("NativeSparseAttention", actual_seq_len, total)
-        if total == 0:  # MindSpore's reductions reject empty inputs
+        if q.shape[0] == 0:  # MindSpore's reductions reject empty inputs
             return self._no_tokens(q)
         dtype = cfg.ms_compute_dtype
         kv = self.branch_kv(k, v)
+        if compressors is None:
+            compressors = self.compressor_weights()
         layout = packed_layout(actual_seq_len, total, cfg)
+        queries = query_layout(layout, query_offset or 0, q.shape[0], cfg.query_chunk_size)
         prefix_sums = packing.host_prefix_sums(actual_seq_len, total)
         route = kernel_routing.kernel_route(cfg, total, prefix_sums)
-        if route.any_kernel:
-            branches = self._branches_on_kernels(q.astype(dtype), kv, layout, route, prefix_sums)
+        if route.any_kernel and q.shape[0] == total:
+            branches = self._branches_on_kernels(q.astype(dtype), kv, layout, queries, route, prefix_sums, compressors)
         else:
-            branches = self._branches(q.astype(dtype), kv, layout)
+            branches = self._branches(q.astype(dtype), kv, layout, queries, compressors)
         out = self.gated_sum(gates.astype(dtype), branches["o_cmp"], branches["o_slc"], branches["o_win"])
         return {"out": out.astype(q.dtype), "o_cmp": branches["o_cmp"], "o_slc": branches["o_slc"],
                 "o_win": branches["o_win"], "blocks": branches["blocks"], "valid": branches["valid"]}
 
-    def _branches(self, q, kv, layout):
+    def _branches(self, q, kv, layout, queries, compressors):
         """The three branches, one call each: compression (Eq. 7), compressed attention with the
-        blocks it selects (Eq. 8-11), selected attention (Eq. 12), the sliding window (§3.3.3)."""
-        k_cmp = self.k_compressor(kv["cmp"][0], layout["window_starts"])
-        v_cmp = self.v_compressor(kv["cmp"][1], layout["window_starts"])
-        o_cmp, blocks, valid = self._compressed_and_selection(q, k_cmp, v_cmp, layout)
-        o_slc = self._selected(q, kv["slc"], blocks, valid, layout)
-        o_win = self._sliding_window(q, kv["win"], layout)
+        blocks it selects (Eq. 8-11), selected attention (Eq. 12), the sliding window (§3.3.3).
+        ``layout`` is the keys' (all ``T`` rows), ``queries`` the query rows' (``query_layout``)."""
+        k_cmp = self.k_compressor(kv["cmp"][0], layout["window_starts"], compressors["k_weight"])
+        v_cmp = self.v_compressor(kv["cmp"][1], layout["window_starts"], compressors["v_weight"],
+                                  compressors["v_position_embedding"])
+        o_cmp, blocks, valid = self._compressed_and_selection(q, k_cmp, v_cmp, queries)
+        o_slc = self._selected(q, kv["slc"], blocks, valid, layout, queries)
+        o_win = self._sliding_window(q, kv["win"], queries)
         return {"o_cmp": o_cmp, "o_slc": o_slc, "o_win": o_win, "blocks": blocks, "valid": valid}
 
-    def _branches_on_kernels(self, q, kv, layout, route, prefix_sums):
+    def _branches_on_kernels(self, q, kv, layout, queries, route, prefix_sums, compressors):
         """:meth:`_branches` with the branches that ``route`` sends to MindSpore's Ascend NSA kernels
         (``kernel_routing``: host prefix sums, half-precision compute, the kernels' constraints); the
         others, and the sliding window (no kernel), stay composite."""
         cfg = self.config
+        k_w, v_w, v_pe = compressors["k_weight"], compressors["v_weight"], compressors["v_position_embedding"]
         if route.uses_kernel("compress"):
             slots = layout["window_starts"].shape[0]
-            k_cmp = self.k_compressor.with_kernel(kv["cmp"][0], cfg.compress_stride, prefix_sums, slots)
-            v_cmp = self.v_compressor.with_kernel(kv["cmp"][1], cfg.compress_stride, prefix_sums, slots)
+            k_cmp = self.k_compressor.with_kernel(kv["cmp"][0], cfg.compress_stride, prefix_sums, slots, k_w)
+            v_cmp = self.v_compressor.with_kernel(kv["cmp"][1], cfg.compress_stride, prefix_sums, slots, v_w, v_pe)
         else:
-            k_cmp = self.k_compressor(kv["cmp"][0], layout["window_starts"])
-            v_cmp = self.v_compressor(kv["cmp"][1], layout["window_starts"])
+            k_cmp = self.k_compressor(kv["cmp"][0], layout["window_starts"], k_w)
+            v_cmp = self.v_compressor(kv["cmp"][1], layout["window_starts"], v_w, v_pe)
         if route.uses_kernel("compressed_attention"):
             o_cmp, blocks, valid = kernel_routing.compressed_and_selection_kernel(
                 cfg, q, k_cmp, v_cmp, layout["position"], prefix_sums)
         else:
-            o_cmp, blocks, valid = self._compressed_and_selection(q, k_cmp, v_cmp, layout)
+            o_cmp, blocks, valid = self._compressed_and_selection(q, k_cmp, v_cmp, queries)
         if route.uses_kernel("selected_attention"):
             o_slc = kernel_routing.selected_kernel(cfg, q, kv["slc"][0], kv["slc"][1], blocks, valid, prefix_sums)
         else:
-            o_slc = self._selected(q, kv["slc"], blocks, valid, layout)
-        o_win = self._sliding_window(q, kv["win"], layout)
+            o_slc = self._selected(q, kv["slc"], blocks, valid, layout, queries)
+        o_win = self._sliding_window(q, kv["win"], queries)
         return {"o_cmp": o_cmp, "o_slc": o_slc, "o_win": o_win, "blocks": blocks, "valid": valid}
 
-    def _compressed_and_selection(self, q, k_cmp, v_cmp, layout):
+    def _compressed_and_selection(self, q, k_cmp, v_cmp, queries):
         """Compressed attention over the windows each query has seen, and the top-``n`` blocks its
-        probabilities score: ``o_cmp (T, H, Dv)``, ``blocks`` and ``valid (T, Hkv, n)``."""
-        return self.compressed_attention(q, k_cmp, v_cmp, layout["first_window"], layout["windows_ended"],
-                                         layout["position"])
+        probabilities score: ``o_cmp (Tq, H, Dv)``, ``blocks`` and ``valid (Tq, Hkv, n)``."""
+        return self.compressed_attention(q, k_cmp, v_cmp, queries["first_window"], queries["windows_ended"],
+                                         queries["position"], queries["row_offset"])
 
-    def _selected(self, q, kv_slc, blocks, valid, layout):
-        """Attention over the selected blocks' tokens, ``(T, H, Dv)``: block-masked for the chunks that
+    def _selected(self, q, kv_slc, blocks, valid, layout, queries):
+        """Attention over the selected blocks' tokens, ``(Tq, H, Dv)``: block-masked for the chunks that
         end by row ``select_dense_rows`` (``BlockMaskedSelectedAttention``, one call per chunk), grouped
         by block after them (``SelectedAttention``, on the rows padded to whole chunks)."""
         cfg = self.config
         k, v = kv_slc
         chunk = cfg.query_chunk_size
-        chunks = layout["chunks"]
-        dense = len([c1 for _, c1 in chunks if c1 <= cfg.select_dense_rows])
+        chunks = queries["chunks"]
+        offset = queries["row_offset"]
+        dense = dense_chunks(q.shape[0], chunk, offset, cfg.select_dense_rows)
         outs = []
         # head-major keys and values cut into the chunks once (unused, and compiled away, without dense chunks)
         k_pieces, v_pieces = _split_chunks(k.transpose(1, 0, 2), chunk, 1), _split_chunks(v.transpose(1, 0, 2), chunk, 1)
         for j in range(dense):
             c0, c1 = chunks[j]
+            end = offset + c1  # the chunk's end among the keys
             outs.append(ungroup_outputs(self.block_masked_selected_attention(
-                group_queries(q[c0:c1], cfg.num_kv_heads), _rows_from_pieces(k_pieces, chunk, 0, j),
-                _rows_from_pieces(v_pieces, chunk, 0, j), layout["segment"][:c1], layout["position"][:c1],
-                blocks[c0:c1].transpose(1, 0, 2), valid[c0:c1].transpose(1, 0, 2), layout["segment"][c0:c1],
-                layout["position"][c0:c1]), c1 - c0))
+                group_queries(q[c0:c1], cfg.num_kv_heads), _leading_rows(k_pieces, chunk, end),
+                _leading_rows(v_pieces, chunk, end), layout["segment"][:end], layout["position"][:end],
+                blocks[c0:c1].transpose(1, 0, 2), valid[c0:c1].transpose(1, 0, 2), queries["segment"][c0:c1],
+                queries["position"][c0:c1]), c1 - c0))
         if dense < len(chunks):
             gathered = self.selected_attention(q, self.selected_attention.block_major(k, layout["block_starts"]),
                                                self.selected_attention.block_major(v, layout["block_starts"]),
-                                               blocks, valid, layout["first_block"], layout["position"])
+                                               blocks, valid, queries["first_block"], queries["position"], offset)
             outs.append(gathered[dense * chunk:])
         return outs[0] if len(outs) == 1 else ops.cat(outs, 0)
 
-    def _sliding_window(self, q, kv_win, layout):
-        """Attention over the ``w`` keys ending at each query, ``(T, H, Dv)``."""
-        return self.sliding_window(q, kv_win[0], kv_win[1], layout["position"])
+    def _sliding_window(self, q, kv_win, queries):
+        """Attention over the ``w`` keys ending at each query, ``(Tq, H, Dv)``."""
+        return self.sliding_window(q, kv_win[0], kv_win[1], queries["position"], queries["row_offset"])
 
-    def check_inputs(self, q, k, v, gates):
+    def compressor_weights(self):
+        """The cell's compressor parameters as a :class:`~nsa_layers.compressor.CompressorWeights`."""
+        return {"k_weight": self.k_compressor.weight, "v_weight": self.v_compressor.weight,
+                "v_position_embedding": self.v_compressor.position_embedding}
+
+    def check_inputs(self, q, k, v, gates, query_offset=None):
         """Types, ranks, shapes and dtypes of the inputs, before any work (``input_checks``)."""
         cfg = self.config
         cell = "NativeSparseAttention"
         check_float_input(cell, "q", q, (("T", None), ("num_heads", cfg.num_heads), ("head_dim", cfg.head_dim)))
         rows = ("T", q.shape[0])
-        check_kv_inputs(cell, k, v, (rows, ("num_kv_heads", cfg.num_kv_heads), ("head_dim", cfg.head_dim)),
-                        (rows, ("num_kv_heads", cfg.num_kv_heads), ("v_head_dim", cfg.v_head_dim)))
+        if query_offset is not None:
+            check_query_offset(cell, query_offset, q.shape[0], k)
+            keys = ("T", key_rows(k))
+        else:
+            keys = rows
+        check_kv_inputs(cell, k, v, (keys, ("num_kv_heads", cfg.num_kv_heads), ("head_dim", cfg.head_dim)),
+                        (keys, ("num_kv_heads", cfg.num_kv_heads), ("v_head_dim", cfg.v_head_dim)))
         check_float_input(cell, "gates", gates, (rows, ("num_heads", cfg.num_heads), ("branches", 3)))
 
     def branch_kv(self, k, v):
@@ -232,14 +259,20 @@ class NativeSparseAttention(nn.Cell):
                 "blocks": ops.zeros(slots, ms.int32), "valid": ops.zeros(slots, ms.bool_)}
 
 
-def _rows_from_pieces(pieces, chunk, r0, last):
-    """Rows ``r0 ..`` the end of piece ``last`` of head-major rows split into pieces of ``chunk`` rows
-    (``(Hkv, r_i, D)`` each) -> ``(Hkv, R, D)``: the tail of the piece holding ``r0``, then whole pieces
-    (slices of pieces, so each gradient is piece-sized; no copy for a single whole piece)."""
-    first = r0 // chunk
-    offset = r0 - first * chunk
-    head = pieces[first] if offset == 0 else pieces[first][:, offset:]
-    rows = (head,) + pieces[first + 1:last + 1]
+def key_rows(k):
+    """``T``, the rows of the keys (a tensor or the branches' 3-tuple)."""
+    return k[0].shape[0] if isinstance(k, (tuple, list)) else k.shape[0]
+
+
+def _leading_rows(pieces, chunk, end):
+    """Rows ``0 .. end - 1`` of head-major rows split into pieces of ``chunk`` rows (``(Hkv, r_i, D)``
+    each) -> ``(Hkv, end, D)``: whole pieces, then the head of the piece holding row ``end - 1`` (slices
+    of pieces, so each gradient is piece-sized; no copy for a single whole piece)."""
+    whole = end // chunk
+    rest = end - whole * chunk
+    rows = pieces[:whole]
+    if rest:  # the head of the next piece (all of it if it is the shorter last one)
+        rows += (pieces[whole] if pieces[whole].shape[1] == rest else pieces[whole][:, :rest],)
     return rows[0] if len(rows) == 1 else ops.cat(rows, 1)
 
 

@@ -25,12 +25,14 @@ _CONCAT_SLOTS = ops.Concat(1)
 
 
 @constexpr
-def _buckets(total, slots, chunk, stride):
+def _buckets(total, slots, chunk, stride, row_offset):
     """Static ``(first, last, slots)`` ranges of query chunks (``chunk_buckets``), each chunk reading
     the window slots its range's last chunk can reach: slots are in row order, so a chunk ending at
     row ``c1`` reaches at most ``c1 // d + (S - T // d)`` of them (``packing.max_windows``; ``T``
-    unpadded)."""
-    return tuple((first, last, min(slots, last * chunk // stride + slots - total // stride))
+    unpadded). The queries are rows ``row_offset ..`` of the keys' ``T >= row_offset + total`` rows:
+    ``row_offset + total`` in place of ``T`` bounds the reach from above."""
+    end = row_offset + total
+    return tuple((first, last, min(slots, (row_offset + last * chunk) // stride + slots - end // stride))
                  for first, last in chunk_buckets(0, -(-total // chunk)))
 
 
@@ -57,6 +59,8 @@ class CompressedAttention(nn.Cell):
         q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks; the padding sees no window).
         k (Tensor): ``(S, Hkv, Dq)`` compressed keys of the window slots; ``v``: ``(S, Hkv, Dv)``.
         first_window, windows_ended, position (Tensor): ``(T,)`` int32 (``PackedLayout``).
+        row_offset (int): the queries are rows ``row_offset ..`` of the sequence the slots come from
+            (static; 0 for all of it).
 
     Outputs:
         ``(out (T, H, Dv), blocks (T, Hkv, n) int32, valid (T, Hkv, n) bool)``: the branch output, the
@@ -76,15 +80,16 @@ class CompressedAttention(nn.Cell):
         self.selector = BlockSelector(config)
         self.query_rows = Tensor(np.arange(self.chunk, dtype=np.int32).reshape(-1, 1))
 
-    def construct(self, q, k, v, first_window, windows_ended, position):
+    def construct(self, q, k, v, first_window, windows_ended, position, row_offset):
         total = q.shape[0]
         q, first_window, windows_ended, position = self._padded(q, first_window, windows_ended, position)
         k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (Hkv, S, D)
         out = ops.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
         blocks = ops.zeros((q.shape[0], self.kv_heads, self.count), ms.int32)
         valid = ops.zeros((q.shape[0], self.kv_heads, self.count), ms.bool_)
-        for first, last, slots in _buckets(total, k.shape[0], self.chunk, self.stride):
-            num_blocks = (last * self.chunk - 1) // self.block + 1  # a bound on the queries' own blocks, plus one
+        for first, last, slots in _buckets(total, k.shape[0], self.chunk, self.stride, row_offset):
+            # a bound on the queries' own blocks, plus one
+            num_blocks = (row_offset + last * self.chunk - 1) // self.block + 1
             k_reach, v_reach = k_heads[:, :slots], v_heads[:, :slots]
             j = Tensor(first, ms.int32)
             while j < last:
@@ -99,14 +104,14 @@ class CompressedAttention(nn.Cell):
                 j = j + 1
         return out[:total], blocks[:total], valid[:total]
 
-    def bprop(self, q, k, v, first_window, windows_ended, position, out, dout):
+    def bprop(self, q, k, v, first_window, windows_ended, position, row_offset, out, dout):
         total = q.shape[0]
         q, first_window_rows, windows_ended_rows, position_rows = self._padded(q, first_window, windows_ended,
                                                                                position)
         outputs, d_outputs = padded_rows(out[0], self.chunk), padded_rows(dout[0], self.chunk)
         k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
         d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(k_heads), _ZEROS_LIKE(v_heads)
-        for first, last, slots in _buckets(total, k.shape[0], self.chunk, self.stride):
+        for first, last, slots in _buckets(total, k.shape[0], self.chunk, self.stride, row_offset):
             k_reach, v_reach = k_heads[:, :slots], v_heads[:, :slots]
             d_k_reach, d_v_reach = _ZEROS_LIKE(k_reach), _ZEROS_LIKE(v_reach)
             j = Tensor(first, ms.int32)
@@ -128,7 +133,7 @@ class CompressedAttention(nn.Cell):
                 d_k = d_k + d_k_reach
                 d_v = d_v + d_v_reach
         return (d_q[:total], d_k.transpose(1, 0, 2), d_v.transpose(1, 0, 2), _ZEROS_LIKE(first_window),
-                _ZEROS_LIKE(windows_ended), _ZEROS_LIKE(position))
+                _ZEROS_LIKE(windows_ended), _ZEROS_LIKE(position), 0)
 
     def _padded(self, q, first_window, windows_ended, position):
         """The inputs padded to whole chunks: the padding rows see no window."""

@@ -30,10 +30,18 @@ class NSAGate(nn.Cell):
         super().__init__()
         self.num_heads = num_heads
         self.proj = nn.Dense(hidden_size, num_heads * 3, has_bias=True)
+        self.sigmoid = ops.Sigmoid()
 
     def construct(self, hidden_states):
         logits = self.proj(hidden_states)
-        return ops.sigmoid(logits).reshape(hidden_states.shape[0], self.num_heads, 3)
+        return self.sigmoid(logits).reshape(hidden_states.shape[0], self.num_heads, 3)
+
+    def shard_columns(self, token_parts, tp):
+        """Column-parallel layout (semi-auto parallel): the tokens in ``token_parts``, the ``3H``
+        outputs (head-major: head ``h``'s gates are columns ``3h .. 3h + 2``) in ``tp`` blocks of heads."""
+        self.proj.matmul.shard(((token_parts, 1), (tp, 1)))
+        self.proj.bias_add.shard(((token_parts, tp), (tp,)))
+        self.sigmoid.shard(((token_parts, tp),))
 
 
 def _branch_gate(gates, branch, dim):

@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 from mindspore.ops import constexpr
 
-__all__ = ["check_float_input", "check_kv_inputs", "check_position_ids", "checked_prefix_sums"]
+__all__ = ["check_float_input", "check_kv_inputs", "check_position_ids", "check_query_offset", "checked_prefix_sums"]
 
 FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
@@ -43,6 +43,21 @@ def check_kv_inputs(cell, k, v, k_dims, v_dims):
     else:
         check_float_input(cell, "k", k, k_dims)
         check_float_input(cell, "v", v, v_dims)
+
+
+def check_query_offset(cell, query_offset, rows, k):
+    """``query_offset``: an int ``>= 0`` with the ``rows`` queries inside the keys' rows."""
+    keys = k[0] if isinstance(k, (tuple, list)) else k
+    _check_query_offset(cell, query_offset, rows, keys.shape[0] if isinstance(keys, Tensor) else None)
+
+
+@constexpr
+def _check_query_offset(cell, query_offset, rows, keys):
+    if isinstance(query_offset, bool) or not isinstance(query_offset, int) or query_offset < 0:
+        raise ValueError(f"{cell}: 'query_offset' must be a non-negative int, but got {query_offset!r}.")
+    if keys is not None and query_offset + rows > keys:
+        raise ValueError(f"{cell}: the {rows} query rows from 'query_offset'={query_offset} must lie within the "
+                         f"{keys} rows of the keys, but end at row {query_offset + rows}.")
 
 
 def check_position_ids(cell, position_ids, total):

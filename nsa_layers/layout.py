@@ -26,7 +26,7 @@ from mindspore.ops import constexpr
 from .attention_math import column_tiled, row_tiled
 from .packing import max_windows, normalize_prefix_sums
 
-__all__ = ["PackedLayout", "packed_layout", "prefix_sums_tensor", "positions_tensor", "window_rows_tensor",
+__all__ = ["PackedLayout", "QueryLayout", "packed_layout", "query_layout", "prefix_sums_tensor", "positions_tensor", "window_rows_tensor",
            "windows_ended", "token_layout"]
 
 
@@ -93,6 +93,43 @@ def packed_layout(actual_seq_len, total, config):
         "window_reach": tuple(min(window_slots, max_windows(c1, num_ends, block, stride)) for _, c1 in chunks),
         "block_reach": tuple(min(block_slots, max_windows(c1, num_ends, 1, select)) for _, c1 in chunks),
     }
+
+
+class QueryLayout(TypedDict):
+    """The per-query part of a :class:`PackedLayout` for the query rows ``row_offset ..
+    row_offset + Tq - 1`` of its ``T`` rows (a context-parallel rank's queries, or all of them).
+
+    Tensors ``(Tq,)`` int32: ``segment``, ``position``, ``first_window``, ``windows_ended``,
+    ``first_block`` (the layout's rows). Static: ``row_offset`` (int) and ``chunks``, the query chunks
+    as ``(c0, c1)`` rows of the ``Tq`` queries.
+    """
+
+    segment: Tensor
+    position: Tensor
+    first_window: Tensor
+    windows_ended: Tensor
+    first_block: Tensor
+    row_offset: int
+    chunks: tuple
+
+
+def query_layout(layout, row_offset, rows, chunk):
+    """The :class:`QueryLayout` of ``rows`` queries from row ``row_offset`` of ``layout`` (chunks of
+    ``chunk`` queries); the layout's own tensors when the queries are all its rows."""
+    total = layout["position"].shape[0]
+    chunks = tuple((c0, min(rows, c0 + chunk)) for c0 in range(0, rows, chunk))
+    end = None if row_offset == 0 and rows == total else row_offset + rows
+    return {"segment": _query_rows(layout["segment"], row_offset, end),
+            "position": _query_rows(layout["position"], row_offset, end),
+            "first_window": _query_rows(layout["first_window"], row_offset, end),
+            "windows_ended": _query_rows(layout["windows_ended"], row_offset, end),
+            "first_block": _query_rows(layout["first_block"], row_offset, end),
+            "row_offset": row_offset, "chunks": chunks}
+
+
+def _query_rows(x, start, end):
+    """Rows ``start .. end - 1`` of ``x``; ``x`` itself for ``end`` None (all rows)."""
+    return x if end is None else x[start:end]
 
 
 def windows_ended(position, block, stride):

@@ -20,7 +20,7 @@ from .attention_math import (MaskedAttention, chunk_buckets, column_tiled, index
                              row_dot, row_tiled, visibility_bias)
 from .layout import window_rows_tensor
 
-__all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "SelectedTilePlan",
+__all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "SelectedTilePlan", "dense_chunks",
            "selected_tile_plan", "selected_key_limit", "block_grouped_slots", "selected_block_mask", "tile_pairs"]
 
 # primitives in what bprop calls (see attention_math)
@@ -188,12 +188,22 @@ def selected_tile_plan(blocks, valid, first_block, position, num_blocks, blocks_
 
 
 @constexpr
-def _reach(total, block_slots, chunk, block, first_chunk):
-    """``(first, last, num_blocks)`` ranges of query chunks (``chunk_buckets``): block slots are in row
-    order, so a chunk ending at row ``c1`` reaches at most ``c1 // l' + (B - T // l')`` of them
-    (``packing.max_windows``)."""
-    return tuple((first, last, min(block_slots, last * chunk // block + block_slots - total // block))
-                 for first, last in chunk_buckets(first_chunk, -(-total // chunk)))
+def dense_chunks(total, chunk, row_offset, dense_rows):
+    """How many of the query chunks (``chunk`` rows each, the last one shorter) of ``total`` queries at
+    rows ``row_offset ..`` end by row ``dense_rows``: those the block-masked formulation computes."""
+    return len([c0 for c0 in range(0, total, chunk) if row_offset + min(total, c0 + chunk) <= dense_rows])
+
+
+@constexpr
+def _reach(total, block_slots, chunk, block, dense_rows, row_offset):
+    """``(first, last, num_blocks)`` ranges of the query chunks after the dense ones (``chunk_buckets``):
+    block slots are in row order, so a chunk ending at row ``c1`` reaches at most
+    ``c1 // l' + (B - T // l')`` of them (``packing.max_windows``), where ``row_offset + total <= T``
+    in place of ``T`` bounds the reach from above."""
+    end = row_offset + total
+    return tuple((first, last, min(block_slots, (row_offset + last * chunk) // block + block_slots - end // block))
+                 for first, last in chunk_buckets(dense_chunks(total, chunk, row_offset, dense_rows),
+                                                  -(-total // chunk)))
 
 
 class SelectedAttention(nn.Cell):
@@ -209,29 +219,30 @@ class SelectedAttention(nn.Cell):
     No key or value is copied per query. Masked keys (after the query in its own block, and every key
     of an empty slot) get probability 0.
 
-    The query chunks from ``first_chunk`` on go through a graph loop (compiled once, whatever ``T``);
-    the forward keeps only the outputs and the backward recomputes each chunk's probabilities
-    (``docs/design.md``). Rows of earlier chunks are left 0.
+    The query chunks that end after row ``select_dense_rows`` (:func:`dense_chunks`) go through a
+    graph loop (compiled once, whatever ``T``); the forward keeps only the outputs and the backward
+    recomputes each chunk's probabilities (``docs/design.md``). Rows of earlier chunks are left 0.
 
     Args:
         config (NSAConfig): sizes.
-        first_chunk (int): the first query chunk computed here.
 
     Inputs:
         q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks; the padding selects nothing).
         k_blocks (Tensor): ``(Hkv * B, l' * Dq)`` from :meth:`block_major`; ``v_blocks``: ``(Hkv * B, l' * Dv)``.
         blocks, valid (Tensor): ``(T, Hkv, k)`` selected in-segment block ids and slot validity.
         first_block, position (Tensor): ``(T,)`` int32 (``PackedLayout``).
+        row_offset (int): the queries are rows ``row_offset ..`` of the sequence the blocks come from
+            (static; 0 for all of it).
 
     Outputs:
         Tensor ``(T, H, Dv)``.
     """
 
-    def __init__(self, config, first_chunk=0):
+    def __init__(self, config):
         super().__init__()
         self.block = config.select_block_size
         self.chunk = config.query_chunk_size
-        self.first_chunk = first_chunk
+        self.dense_rows = config.select_dense_rows
         self.kv_heads = config.num_kv_heads
         self.group = config.group_size
         self.count = config.select_block_count
@@ -256,11 +267,11 @@ class SelectedAttention(nn.Cell):
         return ops.gather(x.reshape(total * kv_heads, dim), flat.reshape(-1), 0).reshape(
             kv_heads * count, self.block * dim)
 
-    def construct(self, q, k_blocks, v_blocks, blocks, valid, first_block, position):
+    def construct(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, row_offset):
         total = q.shape[0]
         q, blocks, valid, first_block, position = self._padded(q, blocks, valid, first_block, position)
         out = ops.zeros((q.shape[0], q.shape[1], v_blocks.shape[1] // self.block), q.dtype)
-        for first, last, num_blocks in self._buckets(total, k_blocks.shape[0]):
+        for first, last, num_blocks in self._buckets(total, k_blocks.shape[0], row_offset):
             j = Tensor(first, ms.int32)
             while j < last:
                 rows = self.query_rows + j * self.chunk
@@ -270,13 +281,13 @@ class SelectedAttention(nn.Cell):
                 j = j + 1
         return out[:total]
 
-    def bprop(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, out, dout):
+    def bprop(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, row_offset, out, dout):
         total = q.shape[0]
         rows_in = self._padded(q, blocks, valid, first_block, position)
         q, blocks_rows, valid_rows, first_block_rows, position_rows = rows_in
         out, dout = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
         d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(k_blocks), _ZEROS_LIKE(v_blocks)
-        for first, last, num_blocks in self._buckets(total, k_blocks.shape[0]):
+        for first, last, num_blocks in self._buckets(total, k_blocks.shape[0], row_offset):
             j = Tensor(first, ms.int32)
             while j < last:
                 rows = self.query_rows + j * self.chunk
@@ -294,7 +305,7 @@ class SelectedAttention(nn.Cell):
                                          v_blocks.shape[0])
                 j = j + 1
         return (d_q[:total], d_k, d_v, _ZEROS_LIKE(blocks), _ZEROS_LIKE(valid), _ZEROS_LIKE(first_block),
-                _ZEROS_LIKE(position))
+                _ZEROS_LIKE(position), 0)
 
     def _padded(self, q, blocks, valid, first_block, position):
         """The per-query inputs padded to whole chunks: the padding selects nothing."""
@@ -302,10 +313,10 @@ class SelectedAttention(nn.Cell):
         return (padded_rows(q, chunk), padded_rows(blocks, chunk), padded_rows(valid, chunk),
                 padded_rows(first_block, chunk), padded_rows(position, chunk))
 
-    def _buckets(self, total, block_rows):
-        """Static ``(first, last, num_blocks)`` ranges of the query chunks from ``first_chunk``, each
+    def _buckets(self, total, block_rows, row_offset):
+        """Static ``(first, last, num_blocks)`` ranges of the query chunks after the dense ones, each
         reading the block slots its range's last chunk can reach (``_reach``; ``T`` unpadded)."""
-        return _reach(total, block_rows // self.kv_heads, self.chunk, self.block, self.first_chunk)
+        return _reach(total, block_rows // self.kv_heads, self.chunk, self.block, self.dense_rows, row_offset)
 
     def _tiles(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, rows, num_blocks):
         """The plan of the chunk at ``rows`` over its first ``num_blocks`` block slots and its tiles:

@@ -4,6 +4,7 @@ inside its segment."""
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
+from mindspore.ops import constexpr
 
 from .attention_math import (attention_backward, attention_forward, attention_probs, column_tiled, group_queries,
                              masked_score, padded_rows, ungroup_outputs, visibility_bias)
@@ -34,6 +35,23 @@ _CONCAT_ROWS = ops.Concat(0)
 _CAST = ops.Cast()
 _MINIMUM = ops.Minimum()
 _ZEROS_LIKE = ops.ZerosLike()
+_TILE = ops.Tile()
+
+
+@constexpr
+def _padding_rows(rows, needed):
+    """Zero rows to append to ``rows`` rows to have ``needed`` (at least 1: a zero-row tile is not
+    used, see ``attention_math.padded_rows``)."""
+    return max(1, needed - rows)
+
+
+@constexpr
+def _grad_padding(row_offset, window, rows, total):
+    """``(front, start, ahead)``: zero rows in front of and after the ``rows`` key-row gradients, and
+    where row 0 of the keys' ``total`` rows then is (at least one row each side, no ``if`` in a bprop)."""
+    front = max(1, row_offset - (window - 1))
+    start = front + (window - 1) - row_offset
+    return front, start, max(1, start + total - front - rows)
 
 
 class SlidingWindowAttention(nn.Cell):
@@ -51,8 +69,9 @@ class SlidingWindowAttention(nn.Cell):
 
     Inputs:
         q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks; the padding sees only itself).
-        k (Tensor): ``(T, Hkv, Dq)``; ``v``: ``(T, Hkv, Dv)``.
-        position (Tensor): ``(T,)`` int32 in-segment positions.
+        k (Tensor): ``(T', Hkv, Dq)``; ``v``: ``(T', Hkv, Dv)``, ``T' >= row_offset + T``.
+        position (Tensor): ``(T,)`` int32 in-segment positions of the queries.
+        row_offset (int): the queries are rows ``row_offset ..`` of the keys (static; 0 with ``T' = T``).
 
     Outputs:
         Tensor ``(T, H, Dv)``.
@@ -76,10 +95,11 @@ class SlidingWindowAttention(nn.Cell):
         self.k_front = Tensor(np.zeros((self.window - 1, config.num_kv_heads, config.head_dim), np.float32))
         self.v_front = Tensor(np.zeros((self.window - 1, config.num_kv_heads, config.v_head_dim), np.float32))
 
-    def construct(self, q, k, v, position):
+    def construct(self, q, k, v, position, row_offset):
         total = q.shape[0]
         q, position = padded_rows(q, self.chunk), padded_rows(position, self.chunk)
-        k_rows, v_rows = self._key_rows(k, self.k_front), self._key_rows(v, self.v_front)
+        k_rows = self._key_rows(k, self.k_front, row_offset, q.shape[0])
+        v_rows = self._key_rows(v, self.v_front, row_offset, q.shape[0])
         out = ops.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
         j = Tensor(0, ms.int32)
         while j < q.shape[0] // self.chunk:
@@ -90,11 +110,12 @@ class SlidingWindowAttention(nn.Cell):
             j = j + 1
         return out[:total]
 
-    def bprop(self, q, k, v, position, out, dout):
+    def bprop(self, q, k, v, position, row_offset, out, dout):
         total = q.shape[0]
         q, position = padded_rows(q, self.chunk), padded_rows(position, self.chunk)
         out, dout = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
-        k_rows, v_rows = self._key_rows(k, self.k_front), self._key_rows(v, self.v_front)
+        k_rows = self._key_rows(k, self.k_front, row_offset, q.shape[0])
+        v_rows = self._key_rows(v, self.v_front, row_offset, q.shape[0])
         d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(k_rows), _ZEROS_LIKE(v_rows)
         j = Tensor(0, ms.int32)
         while j < q.shape[0] // self.chunk:
@@ -108,12 +129,24 @@ class SlidingWindowAttention(nn.Cell):
             d_k = _SCATTER_ADD(d_k, key_rows, dk_chunk.transpose(1, 0, 2))
             d_v = _SCATTER_ADD(d_v, key_rows, dv_chunk.transpose(1, 0, 2))
             j = j + 1
-        front = self.window - 1
-        return d_q[:total], d_k[front:front + total], d_v[front:front + total], _ZEROS_LIKE(position[:total])
+        return (d_q[:total], self._key_grad(d_k, k, row_offset), self._key_grad(d_v, v, row_offset),
+                _ZEROS_LIKE(position[:total]), 0)
 
-    def _key_rows(self, x, front):
-        """``x`` with the ``w - 1`` rows ``front`` before the first chunk and the padding after the last."""
-        return _CONCAT_ROWS((_CAST(front, x.dtype), padded_rows(x, self.chunk)))
+    def _key_rows(self, x, front, row_offset, rows):
+        """The key rows the ``rows`` (padded) queries from ``row_offset`` on read: from ``w - 1`` before
+        the first one (rows before row 0 are ``front``, zeros) to the last one (zeros past ``x``)."""
+        ahead = _padding_rows(x.shape[0], row_offset + rows)
+        x = _CONCAT_ROWS((_CAST(front, x.dtype), x, _TILE(_ZEROS_LIKE(x[:1]), (ahead,) + (1,) * (x.ndim - 1))))
+        return x[row_offset:row_offset + self.window - 1 + rows]
+
+    def _key_grad(self, d_rows, x, row_offset):
+        """The gradient of ``x`` from that of its rows read by :meth:`_key_rows` (row ``i`` of
+        ``d_rows`` is row ``row_offset - (w - 1) + i`` of ``x``), with static zero padding on both sides."""
+        front, start, ahead = _grad_padding(row_offset, self.window, d_rows.shape[0], x.shape[0])
+        tail = (1,) * (d_rows.ndim - 1)
+        zero = _ZEROS_LIKE(d_rows[:1])
+        d_rows = _CONCAT_ROWS((_TILE(zero, (front,) + tail), d_rows, _TILE(zero, (ahead,) + tail)))
+        return d_rows[start:start + x.shape[0]]
 
     def _grouped(self, x, rows):
         """Rows ``rows`` of ``(T, H, F)`` as grouped query rows ``(Hkv, G*C, F)``."""

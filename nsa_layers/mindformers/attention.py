@@ -14,12 +14,16 @@ from typing import Union
 
 import mindspore as ms
 from mindspore import ops
+from mindspore.context import ParallelMode
+from mindspore.parallel._utils import _get_parallel_mode
+from mindformers.parallel_core.training_graph.communication import get_dp_cp_id
 from mindformers.parallel_core.training_graph.transformer.attention import (
     SelfAttention, SelfAttentionContiguous, SelfAttentionSubmodules)
 from mindformers.parallel_core.utils.spec_utils import ModuleSpec, build_module
 
 from ..attention import NativeSparseAttention
 from ..config import NSAConfig
+from ..parallel import NSACoreShard, check_tensor_parallel
 
 __all__ = ["NSACoreAttention", "NSASelfAttentionSubmodules", "GPTNSASelfAttention", "GPTNSASelfAttentionContiguous"]
 
@@ -37,6 +41,10 @@ class NSACoreAttention(NativeSparseAttention):
         **nsa_params: the NSA sizes, ``NSAConfig`` keyword arguments (``compress_block_size``, ...).
 
     Inputs and outputs: those of :class:`~nsa_layers.NativeSparseAttention` (TND).
+
+    Under a semi-auto parallel context it also builds ``core_shard``, the core as one Morph with
+    declared layouts over the config's ``(dp, cp, tp)`` (:class:`~nsa_layers.parallel.NSACoreShard`),
+    which the host attention calls instead (:meth:`sharded`); otherwise ``core_shard`` is None.
     """
 
     def __init__(self, config, layer_number=1, **nsa_params):
@@ -49,6 +57,22 @@ class NSACoreAttention(NativeSparseAttention):
         # NSAQwen3ForCausalLM checks the fed prefix sums once per step; the host attention then adds
         # the row ends, unordered (GPTNSASelfAttention._segment_ends)
         self.validates_prefix_sums = False
+        self.core_shard = None
+        if _get_parallel_mode() == ParallelMode.SEMI_AUTO_PARALLEL:
+            _, cp_rank = get_dp_cp_id(config)
+            self.core_shard = NSACoreShard(self.config, config.data_parallel_size or 1,
+                                           config.context_parallel_size or 1, config.tensor_model_parallel_size or 1,
+                                           row_length=config.seq_length, cp_rank=cp_rank)
+            self.core_shard.declare_layouts()
+
+    def sharded(self, q, k, v, gates, actual_seq_len):
+        """The core through ``core_shard``: inputs as the cell's, ``actual_seq_len`` the fed
+        ``(B, E)`` prefix sums of each data-parallel rank's own rows, or None."""
+        if actual_seq_len is None:  # one document per row: the body adds the row ends
+            actual_seq_len = ops.zeros((self.core_shard.dp,), ms.int32)
+        weights = self.compressor_weights()
+        return self.core_shard(q, k, v, gates, actual_seq_len.reshape(-1), weights["k_weight"],
+                               weights["v_weight"], weights["v_position_embedding"])
 
 
 @dataclass
@@ -62,11 +86,14 @@ class _NSAHostAttention:
     """What :class:`GPTNSASelfAttention` adds to a MindFormers self-attention (a mixin)."""
 
     def __init__(self, config, submodules, layer_number, attn_mask_type=None, cp_comm_type=None):
+        check_tensor_parallel(config.num_attention_heads, config.num_query_groups or config.num_attention_heads,
+                              config.tensor_model_parallel_size or 1)
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type)
-        if self.cp > 1:
-            raise NotImplementedError(f"{type(self).__name__}: context parallelism (context_parallel_size="
-                                      f"{self.cp}) is not supported by the NSA attention.")
+        if self.cp_ds > 1:
+            raise NotImplementedError(f"{type(self).__name__}: Ulysses context parallelism (ulysses_degree_in_cp="
+                                      f"{self.cp_ds}) is not supported by the NSA attention; its context "
+                                      f"parallelism gathers keys and values (context_parallel_algo: colossalai_cp).")
         if not isinstance(self.core_attention, NativeSparseAttention):
             raise TypeError(f"{type(self).__name__}: the core_attention submodule must build a "
                             f"NativeSparseAttention (e.g. NSACoreAttention), got {type(self.core_attention).__name__}.")
@@ -76,11 +103,26 @@ class _NSAHostAttention:
         self.nsa_step = None
         self.independent_kv = self.core_attention.config.independent_kv
         if self.independent_kv:
-            # keys and values of the compressed and the window branches; the selected branch uses the
+            # keys and values of the compressed and the window branches, head-major (per KV head: k_cmp,
+            # v_cmp, k_win, v_win), so a head split needs no communication; the selected branch uses the
             # host's own K/V (linear_qkv), so a dense checkpoint's K/V keep feeding token-level attention
             self.linear_kv_branches = build_module(
                 submodules.linear_qkv, self.hidden_size, 4 * self.kv_hidden_size, config=self.config,
                 init_method=self.init_method, bias=self.config.add_bias_linear or self.config.add_qkv_bias)
+            self.split_kv_branches = ops.auto_generate.SplitWithSize()
+        self.gate_transpose = ops.Transpose()
+        if _get_parallel_mode() == ParallelMode.SEMI_AUTO_PARALLEL:
+            self.shard_nsa()
+
+    def shard_nsa(self):
+        """Lay out what the NSA host adds (MindFormers' ``(dp, cp, tp)``): the gate as a column-parallel
+        projection (its ``3H`` outputs are head-major, so a head split is ``tp`` column blocks) on the
+        tokens of ``(B, S)`` split by ``dp`` and ``cp``, and the branch K/V split per KV head."""
+        dp, cp, tp = self.dp, self.cp, self.tp
+        self.gate_transpose.shard(((cp, dp, 1),))
+        self.gate.shard_columns(dp * cp, tp)
+        if self.independent_kv:
+            self.split_kv_branches.shard(((cp, dp, tp, 1),))
 
     def construct(self, hidden_states, attention_mask, key_value_states=None, rotary_pos_emb=None,
                   prefix_keys_values=None, actual_seq_len=None, sharded_key=None, sharded_value=None):
@@ -95,7 +137,11 @@ class _NSAHostAttention:
         if isinstance(actual_seq_len, tuple):  # a decode request of the cached generation
             return self._decode(hidden_states, rotary_pos_emb, actual_seq_len)
         seq_len, bs, _ = self.shape(hidden_states)
-        out = self.core_attention(*self._core_inputs(hidden_states, rotary_pos_emb, actual_seq_len))
+        if self.core_attention.core_shard is not None:  # the sharded core adds each rank's row ends itself
+            q, k, v, gates, _ = self._core_inputs(hidden_states, rotary_pos_emb, None)
+            out = self.core_attention.sharded(q, k, v, gates, actual_seq_len)
+        else:
+            out = self.core_attention(*self._core_inputs(hidden_states, rotary_pos_emb, actual_seq_len))
         return self._output(out, hidden_states, seq_len, bs)
 
     def _decode(self, hidden_states, rotary_pos_emb, request):
@@ -140,17 +186,19 @@ class _NSAHostAttention:
         if self.independent_kv:
             (k_cmp, v_cmp), (k_win, v_win) = self._branch_kv(hidden_states, rotary_pos_emb)
             k, v = (k_cmp, k, k_win), (v_cmp, v, v_win)
-        gates = self.gate(self.reshape(self.sbh2tnd(hidden_states, 1), (bs * seq_len, -1)))
+        # (S, B, hidden) -> (B*S, hidden), the TND token order
+        gates = self.gate(self.reshape(self.gate_transpose(hidden_states, (1, 0, 2)), (bs * seq_len, -1)))
         return q, k, v, gates, self._segment_ends(actual_seq_len, seq_len, bs)
 
     def _branch_kv(self, hidden_states, rotary_pos_emb):
         """K/V ``(B*S, Hkv, D)`` of the compressed and the window branch, normed and rotated like the host's."""
         seq_len, bs, _ = self.shape(hidden_states)
         kv, _ = self.linear_kv_branches(hidden_states)
-        kv = self.reshape(self.cast(kv, self.compute_dtype), (seq_len, bs, 4, self.kv_num_heads, self.head_dim))
+        kv = self.reshape(self.cast(kv, self.compute_dtype), (seq_len, bs, self.kv_num_heads, 4 * self.head_dim))
+        kv = self.split_kv_branches(kv, (self.head_dim,) * 4, -1)
         pairs = []
         for i in (0, 2):
-            key, value = kv[:, :, i], kv[:, :, i + 1]
+            key, value = kv[i], kv[i + 1]
             if self.k_layernorm is not None:
                 key = self.k_layernorm(key)
             if not self.is_nope_layer and rotary_pos_emb is not None:

@@ -1,6 +1,8 @@
 """``NSAQwen3ForCausalLM``: MindFormers' Qwen3 training model with NSA attention, chosen by ``architectures``."""
 
 from mindspore import Tensor
+from mindspore.context import ParallelMode
+from mindspore.parallel._utils import _get_parallel_mode
 from mindformers.checkpoint.converter.template import WeightTemplate
 from mindformers.models.qwen3.modeling_qwen3_train import TrainingQwen3ForCausalLM
 from mindformers.parallel_core.training_graph.base_models.gpt.gpt_model import GPTModel
@@ -47,6 +49,9 @@ class NSAQwen3ForCausalLM(CachedGeneration, TrainingQwen3ForCausalLM):
     ends over the flattened ``B*S`` tokens, as MindFormers' packed batches give them: values in
     ``[0, B*S]``, non-decreasing; a Tensor that breaks this raises ``ValueError`` when the graph runs,
     before the step changes any parameter (row-local ends fed without the row offsets do, for B > 1).
+    Under a parallel context the ends are each data-parallel rank's own (MindFormers' per-rank
+    dataset) and the graph is sharded: the in-graph check is off there (``checks_prefix_sums``) and
+    ``PackedDataCheck`` checks the first batch on the host.
     """
 
     config_class = NSAQwen3Config
@@ -78,11 +83,13 @@ class NSAQwen3ForCausalLM(CachedGeneration, TrainingQwen3ForCausalLM):
         self.template = WeightTemplate(weight_converters=self.weight_converters)
         self.template.set_model_config(tc)
         self.cpu_swaps = tuple(cpu.apply_cpu_swaps(self)) if cpu.on_cpu() else ()
+        self.checks_prefix_sums = _get_parallel_mode() not in (ParallelMode.SEMI_AUTO_PARALLEL,
+                                                               ParallelMode.AUTO_PARALLEL)
 
     def construct(self, input_ids, position_ids=None, attention_mask=None, decoder_input=None, labels=None,
                   extra_block_kwargs=None, prefix_keys_values=None, loss_mask=None, actual_seq_len=None):
         """``TrainingQwen3ForCausalLM.construct``, with ``actual_seq_len`` checked first."""
-        if isinstance(actual_seq_len, Tensor):
+        if self.checks_prefix_sums and isinstance(actual_seq_len, Tensor):
             tokens = input_ids.shape[0] * input_ids.shape[1]
             actual_seq_len = checked_prefix_sums(type(self).__name__, actual_seq_len, tokens)
         return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,

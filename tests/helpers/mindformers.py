@@ -10,6 +10,7 @@ import mindspore as ms
 ROOT = Path(__file__).resolve().parents[2]
 TINY_YAML = ROOT / "configs" / "nsa_qwen3_tiny_cpu.yaml"
 LARGE_YAML = ROOT / "configs" / "nsa_qwen3_1_7b_32k.yaml"
+PARALLEL_YAML = ROOT / "configs" / "nsa_qwen3_8b_64k.yaml"
 
 # the tiny YAML, smaller still: 64-token rows, NSA sizes that give several blocks per row
 SMALL = dict(seq_length=64, max_position_embeddings=64, hidden_size=64, intermediate_size=128, head_dim=16,

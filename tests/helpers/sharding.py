@@ -43,3 +43,12 @@ def assemble(shards, layout, shape):
         assert np.array_equal(view[seen], np.asarray(shard)[seen]), f"rank {rank} disagrees with another rank"
         view[...] = shard
     return full
+
+
+def summed(shards, layout, shape):
+    """The full array from every rank's block, blocks held by several ranks summed: how the gradients
+    of a replicated input or parameter combine (an all-gather's backward, the gradient reduction)."""
+    full = np.zeros(shape, dtype=np.asarray(shards[0]).dtype)
+    for rank, shard in enumerate(shards):
+        local_shard(full, layout, rank)[...] += shard
+    return full

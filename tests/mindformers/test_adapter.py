@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from helpers.mindformers import LARGE_YAML, ROOT, TINY_YAML, build, tiny_config
+from helpers.mindformers import LARGE_YAML, PARALLEL_YAML, ROOT, TINY_YAML, build, tiny_config
 
 
 def test_yaml_resolves_to_nsa_classes_in_the_self_attention_slot():
@@ -104,7 +104,7 @@ def test_every_yaml_under_configs_is_valid(monkeypatch, tmp_path):
     from nsa_layers.mindformers import NSAQwen3Config
 
     found = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
-    assert found == sorted([TINY_YAML.name, LARGE_YAML.name])
+    assert found == sorted([TINY_YAML.name, LARGE_YAML.name, PARALLEL_YAML.name])
     # tiny: built and run by the tests above; here its full size builds and converts
     tiny = MindFormerConfig(str(TINY_YAML))
     assert type(build(tiny)).__name__ == "NSAQwen3ForCausalLM"
@@ -125,3 +125,38 @@ def test_every_yaml_under_configs_is_valid(monkeypatch, tmp_path):
     assert len(large.parallel.dataset_strategy) == len(columns)
     assert os.path.isfile(ROOT / "configs" / "register" / "nsa_register.py")
 
+
+
+def test_parallel_yaml_converts_and_lays_out_the_core_over_its_devices(monkeypatch, tmp_path):
+    """The 8B / 64k YAML: dp 2 x cp 4 x tp 2 on 16 devices, K/V all-gather context parallel; the core it
+    configures, built under a semi-auto context, declares its layouts over that device matrix and
+    runs 16 query heads and 4 KV heads per rank on 16k-token query ranges."""
+    from mindspore import context
+    from mindspore.context import ParallelMode
+    from mindformers.models.build_config import get_model_config
+    from mindformers.tools.register import MindFormerConfig
+    from nsa_layers.parallel import NSACoreShard
+
+    monkeypatch.setenv("REGISTER_PATH", str(ROOT / "configs" / "register"))
+    monkeypatch.chdir(tmp_path)
+    yaml = MindFormerConfig(str(PARALLEL_YAML))
+    model = yaml.model
+    model.model_config.parallel_config = yaml.parallel_config  # what MindFormers' Trainer does
+    config = get_model_config(model)
+    tc = config.convert_to_transformer_config()
+    assert (tc.data_parallel_size, tc.context_parallel_size, tc.tensor_model_parallel_size) == (2, 4, 2)
+    assert tc.cp_comm_type == "all_gather" and tc.hierarchical_context_parallel_sizes == 1  # colossalai_cp
+    assert (tc.seq_length, tc.num_attention_heads, tc.num_query_groups, tc.num_layers) == (65536, 32, 8, 36)
+    assert yaml.parallel.parallel_mode == 1 and len(yaml.parallel.dataset_strategy) == len(
+        yaml.train_dataset.input_columns)
+    context.set_auto_parallel_context(parallel_mode=ParallelMode.SEMI_AUTO_PARALLEL, device_num=16)
+    try:
+        shard = NSACoreShard(config.nsa_config(), 2, 4, 2, row_length=tc.seq_length)
+        shard.declare_layouts()
+    finally:
+        context.reset_auto_parallel_context()
+    layouts = shard.morph.attrs["in_layout"]
+    assert all(tuple(layout["device_matrix"]) == (2, 4, 2) for layout in layouts)
+    assert tuple(layouts[0]["tensor_map"]) == ((2, 1), 0, -1)  # queries: tokens by dp, cp; heads by tp
+    assert tuple(layouts[1]["tensor_map"]) == (2, 0, -1)  # keys: tokens by dp only (gathered over cp)
+    assert (shard.rank_core.config.num_heads, shard.rank_core.config.num_kv_heads) == (16, 4)
