@@ -128,10 +128,10 @@ def _config(independent_kv=False):
 
 
 def test_context_and_tensor_parallel_ranks_reassemble_to_the_unsplit_core():
-    """dp 2 x cp 2 x tp 2 (8 ranks), forward: documents of 37 and 46 tokens cross the shards'
-    context-parallel split at row 32; 0-length and 3-token ones (shorter than a block) too."""
-    batch = Batch(_config(), [[21, 37, 0, 3, 3], [9, 9, 46]], row_length=64, seed=41)
-    _check(batch, 2, 2, 2, with_grads=False)
+    """cp 2 x tp 2 (4 ranks), forward: a 37-token document crosses the context-parallel split at row
+    32; 0-length and 3-token ones (shorter than a block) too. (dp 2 x cp 2 with gradients: slow tier.)"""
+    batch = Batch(_config(), [[21, 37, 0, 3, 3]], row_length=64, seed=41)
+    _check(batch, 1, 2, 2, with_grads=False)
 
 
 @pytest.mark.slow  # a PyNative forward and backward per rank: 5-10 s each
