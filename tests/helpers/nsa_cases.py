@@ -94,10 +94,11 @@ def assert_close(actual, expected, rel=2e-5):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale)
 
 
-def check_against_reference(case):
+def check_against_reference(case, result=None):
     """Selection (tie-robust), every branch and the gated output of ``case`` against the float64
-    reference, the reference reusing the implementation's selection; returns that selection."""
-    out, branches, selected = case.run()
+    reference, the reference reusing the implementation's selection; returns that selection.
+    ``result``: ``(out, branches, selected)`` computed otherwise (default ``case.run()``)."""
+    out, branches, selected = case.run() if result is None else result
     _, _, ref_selected, importance = case.reference()
     assert_selection_equivalent(selected, ref_selected, importance)
     ref_out, ref_branches, _, _ = case.reference(selected=selected)

@@ -8,7 +8,7 @@ import mindspore as ms
 from mindspore import Tensor
 from hypothesis import given, strategies as st
 
-from helpers.nsa_cases import BRANCHES, Case, as_numpy, assert_close, assert_selection_equivalent, small_config
+from helpers.nsa_cases import BRANCHES, Case, as_numpy, check_against_reference, small_config
 
 
 def _pieces(case, cuts, mode="pynative"):
@@ -49,13 +49,7 @@ def test_pieces_at_any_rows_match_the_reference(case):
     reference's."""
     cfg, lengths, cuts, shared, seed = case
     c = Case(cfg, lengths, seed, shared_kv=shared)
-    out, branches, selected = _pieces(c, cuts)
-    _, _, ref_selected, importance = c.reference()
-    assert_selection_equivalent(selected, ref_selected, importance)
-    ref_out, ref_branches, _, _ = c.reference(selected=selected)
-    for name in BRANCHES:
-        assert_close(branches[name], ref_branches[name])
-    assert_close(out, ref_out)
+    check_against_reference(c, _pieces(c, cuts))
 
 
 @pytest.mark.slow  # a backward per piece: 25 s (PyNative), 100 s (graph)
