@@ -1,7 +1,7 @@
 """One rank of an ``msrun`` job: build the tiny NSA model under a semi-auto parallel context (MindSpore
 compiles none on CPU; construction is what runs) and write what layer 0 declares to ``OUT/rank_R.json``.
 
-Usage (from tests/parallel/test_msrun_layouts.py): ``msrun ... parallel_build.py DP CP TP OUT``.
+Usage (from tests/mindformers/test_parallel_build.py): ``msrun ... parallel_build.py DP CP TP OUT``.
 """
 
 import json

@@ -3,6 +3,10 @@ under a semi-auto parallel context, and an exact per-rank emulation: each rank o
 device matrix runs the Morph body on the slices the declared layouts give it, and the outputs and
 every gradient, reassembled by the layouts, equal the unsplit core."""
 
+import dataclasses
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import mindspore as ms
@@ -13,6 +17,7 @@ from nsa_layers import NativeSparseAttention
 from nsa_layers.parallel import NSACoreShard, check_tensor_parallel, core_layouts
 
 from helpers.common import random_normal
+from helpers.msrun import run_two_ranks
 from helpers.nsa_cases import small_config
 from helpers.sharding import assemble, local_shard, rank_coordinates, summed
 
@@ -143,6 +148,31 @@ def test_ranks_forward_and_every_gradient_reassemble(dp, cp, tp, independent_kv)
     documents = [[21, 37, 0, 3, 3], [9, 9, 46]][:dp]
     batch = Batch(_config(independent_kv), documents, row_length=64, seed=42 + tp)
     _check(batch, dp, cp, tp, with_grads=True)
+
+
+@pytest.mark.slow  # an msrun job of two processes, each a forward and backward: about 40 s
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_context_parallel_across_two_processes_equals_one(mode, tmp_path):
+    """cp 2 with real communication (``helpers/context_parallel_ranks.py``): each process holds its own
+    rows of q, k, v and gates, all-gathers K/V across the processes and all-reduces the compressor
+    gradients. Its output rows and the gradients of its rows and of the parameters equal the
+    single-process core's; a 37-token document crosses the split at row 32."""
+    batch = Batch(_config(), [[21, 37, 0, 3, 3]], row_length=64, seed=45)
+    (tmp_path / "config.json").write_text(json.dumps(dict(dataclasses.asdict(batch.cfg), row_length=64)))
+    np.savez(tmp_path / "batch.npz", probe=batch.probe, **batch.arrays)
+    run_two_ranks(Path(__file__).resolve().parents[1] / "helpers" / "context_parallel_ranks.py", (tmp_path, mode),
+                  tmp_path)
+    ranks = [np.load(tmp_path / f"rank_{rank}.npz") for rank in range(2)]
+    full_out, full_grads = batch.unsplit(with_grads=True)
+    np.testing.assert_allclose(np.concatenate([r["out"] for r in ranks]), full_out, rtol=1e-5, atol=1e-5)
+    for name, full in full_grads.items():
+        if name in ("k_weight", "v_weight", "v_position_embedding"):
+            got = [r[name] for r in ranks]  # all-reduced: every rank holds the sum
+        else:
+            got = [np.concatenate([r[name] for r in ranks])]  # each rank's own rows
+        for value in got:
+            np.testing.assert_allclose(value, full, rtol=1e-5, atol=1e-5, err_msg=name)
+        assert np.abs(full).max() > 0, name
 
 
 def test_tensor_parallel_size_must_divide_the_kv_heads():

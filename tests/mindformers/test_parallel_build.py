@@ -4,30 +4,17 @@
 is what layer 0 declares on each rank (``helpers/parallel_build.py``)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers.msrun import run_two_ranks
+
 HELPER = Path(__file__).resolve().parents[1] / "helpers" / "parallel_build.py"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(dp, cp, tp, tmp_path):
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")  # msrun spawns `python`
-    subprocess.run([str(bin_dir / "msrun"), "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
-                    f"--master_port={_free_port()}", "--join=True", f"--log_dir={tmp_path / 'log'}", str(HELPER),
-                    str(dp), str(cp), str(tp), str(tmp_path)], check=True, env=env, cwd=tmp_path, timeout=600,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_two_ranks(HELPER, (dp, cp, tp, tmp_path), tmp_path)
     return [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
 
 
