@@ -5,10 +5,9 @@ runs the sharded core's body (``NSACoreShard.rank_forward``) on its query rows, 
 gradients of the replicated compressor parameters, as the engine's gradient reduction would. It writes
 its output rows and gradients to ``OUT/rank_R.npz``.
 
-Usage (from tests/layers/test_parallel.py): ``msrun ... context_parallel_ranks.py OUT MODE`` (MODE
-``pynative`` or ``graph``) with
-``OUT/config.json`` (the ``NSAConfig`` fields and ``row_length``) and ``OUT/batch.npz`` (the whole batch,
-written by the test).
+Usage (from tests/layers/test_parallel.py): ``msrun ... context_parallel_ranks.py OUT MODE``, MODE
+``pynative`` or ``graph``, with ``OUT/config.json`` (the ``NSAConfig`` fields and ``row_length``) and
+``OUT/batch.npz`` (the whole batch, written by the test).
 """
 
 import json

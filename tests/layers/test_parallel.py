@@ -158,7 +158,7 @@ def test_context_parallel_across_two_processes_equals_one(mode, tmp_path):
     gradients. Its output rows and the gradients of its rows and of the parameters equal the
     single-process core's; a 37-token document crosses the split at row 32."""
     batch = Batch(_config(), [[21, 37, 0, 3, 3]], row_length=64, seed=45)
-    (tmp_path / "config.json").write_text(json.dumps(dict(dataclasses.asdict(batch.cfg), row_length=64)))
+    (tmp_path / "config.json").write_text(json.dumps(dict(dataclasses.asdict(batch.cfg), row_length=batch.row_length)))
     np.savez(tmp_path / "batch.npz", probe=batch.probe, **batch.arrays)
     run_two_ranks(Path(__file__).resolve().parents[1] / "helpers" / "context_parallel_ranks.py", (tmp_path, mode),
                   tmp_path)
