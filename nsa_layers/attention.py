@@ -26,7 +26,7 @@ from .attention_math import group_queries, ungroup_outputs
 from .compressed_attention import CompressedAttention
 from .compressor import KVCompressor
 from .gate import GatedSum
-from .input_checks import check_float_input, check_kv_inputs, check_query_offset, checked_prefix_sums
+from .input_checks import check_float_input, check_kv_inputs, check_query_offset, checked_prefix_sums, key_rows
 from .layout import packed_layout, query_layout
 from .selected_attention import BlockMaskedSelectedAttention, SelectedAttention, dense_chunks
 from .sliding_window import SlidingWindowAttention
@@ -233,14 +233,12 @@ class NativeSparseAttention(nn.Cell):
         cell = "NativeSparseAttention"
         check_float_input(cell, "q", q, (("T", None), ("num_heads", cfg.num_heads), ("head_dim", cfg.head_dim)))
         rows = ("T", q.shape[0])
-        if query_offset is not None:
-            check_query_offset(cell, query_offset, q.shape[0], k)
-            keys = ("T", key_rows(k))
-        else:
-            keys = rows
+        keys = rows if query_offset is None else ("T", key_rows(k))
         check_kv_inputs(cell, k, v, (keys, ("num_kv_heads", cfg.num_kv_heads), ("head_dim", cfg.head_dim)),
                         (keys, ("num_kv_heads", cfg.num_kv_heads), ("v_head_dim", cfg.v_head_dim)))
         check_float_input(cell, "gates", gates, (rows, ("num_heads", cfg.num_heads), ("branches", 3)))
+        if query_offset is not None:
+            check_query_offset(cell, query_offset, q.shape[0], keys[1])
 
     def branch_kv(self, k, v):
         """``{"cmp", "slc", "win"}`` -> ``(k, v)`` of each branch, in the compute dtype."""
@@ -257,11 +255,6 @@ class NativeSparseAttention(nn.Cell):
         slots = (0, cfg.num_kv_heads, cfg.select_block_count)
         return {"out": empty.astype(q.dtype), "o_cmp": empty, "o_slc": empty, "o_win": empty,
                 "blocks": ops.zeros(slots, ms.int32), "valid": ops.zeros(slots, ms.bool_)}
-
-
-def key_rows(k):
-    """``T``, the rows of the keys (a tensor or the branches' 3-tuple)."""
-    return k[0].shape[0] if isinstance(k, (tuple, list)) else k.shape[0]
 
 
 def _leading_rows(pieces, chunk, end):

@@ -13,7 +13,8 @@ import mindspore as ms
 from mindspore import Tensor, ops
 from mindspore.ops import constexpr
 
-__all__ = ["check_float_input", "check_kv_inputs", "check_position_ids", "check_query_offset", "checked_prefix_sums"]
+__all__ = ["check_float_input", "check_kv_inputs", "check_position_ids", "check_query_offset", "checked_prefix_sums",
+           "key_rows"]
 
 FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
@@ -45,17 +46,19 @@ def check_kv_inputs(cell, k, v, k_dims, v_dims):
         check_float_input(cell, "v", v, v_dims)
 
 
-def check_query_offset(cell, query_offset, rows, k):
-    """``query_offset``: an int ``>= 0`` with the ``rows`` queries inside the keys' rows."""
-    keys = k[0] if isinstance(k, (tuple, list)) else k
-    _check_query_offset(cell, query_offset, rows, keys.shape[0] if isinstance(keys, Tensor) else None)
+def key_rows(k):
+    """``T``, the rows of the keys (a Tensor, or the branches' tuple of them: the first one's); None
+    when they are no Tensor (``check_kv_inputs`` then says so)."""
+    keys = k[0] if isinstance(k, (tuple, list)) and len(k) > 0 else k
+    return keys.shape[0] if isinstance(keys, Tensor) else None
 
 
 @constexpr
-def _check_query_offset(cell, query_offset, rows, keys):
+def check_query_offset(cell, query_offset, rows, keys):
+    """``query_offset``: an int ``>= 0`` with the ``rows`` queries inside the ``keys`` rows of the keys."""
     if isinstance(query_offset, bool) or not isinstance(query_offset, int) or query_offset < 0:
         raise ValueError(f"{cell}: 'query_offset' must be a non-negative int, but got {query_offset!r}.")
-    if keys is not None and query_offset + rows > keys:
+    if query_offset + rows > keys:
         raise ValueError(f"{cell}: the {rows} query rows from 'query_offset'={query_offset} must lie within the "
                          f"{keys} rows of the keys, but end at row {query_offset + rows}.")
 

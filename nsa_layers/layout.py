@@ -26,8 +26,8 @@ from mindspore.ops import constexpr
 from .attention_math import column_tiled, row_tiled
 from .packing import max_windows, normalize_prefix_sums
 
-__all__ = ["PackedLayout", "QueryLayout", "packed_layout", "query_layout", "prefix_sums_tensor", "positions_tensor", "window_rows_tensor",
-           "windows_ended", "token_layout"]
+__all__ = ["PackedLayout", "QueryLayout", "packed_layout", "query_layout", "prefix_sums_tensor", "positions_tensor",
+           "window_rows_tensor", "windows_ended", "token_layout"]
 
 
 class PackedLayout(TypedDict):

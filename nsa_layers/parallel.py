@@ -25,7 +25,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from .attention import NativeSparseAttention, key_rows
+from .attention import NativeSparseAttention
+from .input_checks import key_rows
 
 __all__ = ["NSACoreLayouts", "NSACoreShard", "check_tensor_parallel", "core_layouts"]
 

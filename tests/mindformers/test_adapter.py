@@ -126,11 +126,10 @@ def test_every_yaml_under_configs_is_valid(monkeypatch, tmp_path):
     assert os.path.isfile(ROOT / "configs" / "register" / "nsa_register.py")
 
 
-
 def test_parallel_yaml_converts_and_lays_out_the_core_over_its_devices(monkeypatch, tmp_path):
     """The 8B / 64k YAML: dp 2 x cp 4 x tp 2 on 16 devices, K/V all-gather context parallel; the core it
     configures, built under a semi-auto context, declares its layouts over that device matrix and
-    runs 16 query heads and 4 KV heads per rank on 16k-token query ranges."""
+    runs 16 query heads and 4 KV heads per rank."""
     from mindspore import context
     from mindspore.context import ParallelMode
     from mindformers.models.build_config import get_model_config
