@@ -80,10 +80,10 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None,
         return run_torch(total, layout, steps, shape)
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindspore import Tensor, nn, ops  # pylint: disable=import-outside-toplevel
+
     from nsa_layers import NSAConfig, NSASelfAttention  # pylint: disable=import-outside-toplevel
-    from nsa_layers.layout import packed_layout  # pylint: disable=import-outside-toplevel
-    from nsa_layers.attention_math import (MASKED, MaskedAttention,  # pylint: disable=import-outside-toplevel
-                                           visibility_bias)
+    from nsa_layers.attention_math import MASKED, MaskedAttention, visibility_bias  # pylint: disable=import-outside-toplevel
+    from nsa_layers.layout import known_prefix_sums, packed_layout  # pylint: disable=import-outside-toplevel
 
     ms.set_context(mode=ms.GRAPH_MODE)
     hidden, shape_heads, kv_heads, head_dim = SHAPES[shape]
@@ -120,7 +120,7 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None,
 
         def construct(self, x, actual_seq_len):
             t = x.shape[0]
-            seg = packed_layout(actual_seq_len, t, cfg)["segment"]
+            seg = packed_layout(known_prefix_sums(actual_seq_len), t, cfg)["segment"]
             rows = ops.arange(0, t, dtype=ms.int32)
             q = self.q_proj(x).reshape(t, self.heads, HEAD_DIM).transpose(1, 0, 2)  # (H, T, D), KV head 0
             k = self.k_proj(x).reshape(1, t, HEAD_DIM)
@@ -245,7 +245,7 @@ def run_subprocess(impl, total, layout, options):
     """One ``--one`` run in a fresh process -> its result dict, or None if it failed (out of memory)."""
     done = subprocess.run([sys.executable, __file__, "--one", impl, str(total), layout] + options,
                           capture_output=True, text=True, check=False)
-    lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1]) if done.returncode == 0 and lines else None
 
 
@@ -318,7 +318,7 @@ def main():
           f"head_dim {head_dim}, l=32 d=16 l'=64 n={args.select_block_count}, window 512, NSA query chunk {args.chunk}"
           + (f", select_dense_rows {args.select_dense_rows}" if args.select_dense_rows is not None else "")
           + "; forward+backward, mindspore.jit; "
-          f"step time s (peak MB)\n")
+          "step time s (peak MB)\n")
     print("| layout | T | NSA | dense | dense / NSA | dense-core | dense-core / NSA | torch | torch / NSA | "
           "NSA compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -330,7 +330,7 @@ def main():
             if "dense" in row and row["dense"] is None:
                 row["dense"] = estimate_full_mask(total, layout, options)
 
-            def cell(impl):
+            def cell(impl, row=row):
                 if impl not in row:
                     return "-"  # not run (--impls)
                 result = row[impl]
@@ -340,7 +340,7 @@ def main():
                     return f"~{result['step_s']:.1f} (est.)"
                 return f"{result['step_s']:.2f} ({result['peak_mb']:.0f})"
 
-            def ratio(impl):
+            def ratio(impl, row=row):
                 nsa, other = row.get("nsa"), row.get(impl)
                 if not (nsa and other):
                     return "-"

@@ -8,22 +8,24 @@
   and the building blocks (:class:`KVCompressor`, :class:`CompressedAttention`, :class:`BlockSelector`,
   :class:`SelectedAttention`, :class:`SlidingWindowAttention`, :class:`NSAGate`, :class:`GatedSum`,
   :class:`RotaryEmbedding`).
-- Decoding: :class:`NSADecoder` (prefill and steps of the core over an :class:`NSAKVCache`) and
-  :class:`NSASelfAttentionDecoder` (the same from hidden states).
+- Decoding: :class:`NSADecoder` (prefill and steps of the core over an :class:`NSAKVCache`, checked on
+  the host; its cells are in ``nsa_layers.decode``) and :class:`NSASelfAttentionDecoder` (the same
+  from hidden states).
 """
 
-from .config import NSAConfig
-from .compressor import KVCompressor
-from .compressed_attention import CompressedAttention
-from .selection import BlockSelector
-from .selected_attention import SelectedAttention
-from .sliding_window import SlidingWindowAttention
-from .gate import GatedSum, NSAGate
-from .rotary import RotaryEmbedding
 from .attention import NativeSparseAttention, NSADetails
-from .self_attention import NSASelfAttention
+from .compressed_attention import CompressedAttention
+from .compressor import KVCompressor
+from .config import NSAConfig
+from .decoder import NSADecoder
+from .gate import GatedSum, NSAGate
 from .kv_cache import NSAKVCache
-from .decode import NSADecoder, NSASelfAttentionDecoder
+from .rotary import RotaryEmbedding
+from .selected_attention import SelectedAttention
+from .selection import BlockSelector
+from .self_attention import NSASelfAttention
+from .self_attention_decoder import NSASelfAttentionDecoder
+from .sliding_window import SlidingWindowAttention
 
 __version__ = "0.1.0"
 

@@ -21,14 +21,13 @@ from typing import TypedDict
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from . import kernel_routing, packing
-from .attention_math import group_queries, ungroup_outputs
+from . import kernel_routing
 from .compressed_attention import CompressedAttention
 from .compressor import KVCompressor
 from .gate import GatedSum
-from .input_checks import check_float_input, check_kv_inputs, check_query_offset, checked_prefix_sums, key_rows
-from .layout import packed_layout, query_layout
-from .selected_attention import BlockMaskedSelectedAttention, SelectedAttention, dense_chunks
+from .input_checks import check_float_input, check_kv_inputs, check_query_offset, key_rows
+from .layout import packed_layout, prefix_sums, query_layout
+from .selected_attention import SelectedAttention
 from .sliding_window import SlidingWindowAttention
 
 __all__ = ["NativeSparseAttention", "NSADetails"]
@@ -69,7 +68,9 @@ class NativeSparseAttention(nn.Cell):
         actual_seq_len: segment ends as prefix sums: ``None`` (one segment), a tuple/list/array, or an
             int Tensor as MindFormers gives it (leading 0, repeated values and padding tolerated).
             Values must lie in ``[0, T]`` and not decrease: host values are checked while compiling,
-            a Tensor's when the graph runs (``ValueError`` either way).
+            a Tensor's when the graph runs (``ValueError`` either way). A
+            :class:`~nsa_layers.layout.PrefixSums` record (what a calling layer has already checked,
+            ``layout.prefix_sums``) is used as it is.
         query_offset (int or None): the queries (and gates) are rows ``query_offset .. query_offset +
             Tq - 1`` of the ``T`` rows of ``k`` and ``v``, which ``actual_seq_len`` lays out (static;
             ``None``, the default: all of them, ``Tq = T``). Context parallelism gives each rank its own
@@ -93,11 +94,8 @@ class NativeSparseAttention(nn.Cell):
                                          config.use_position_embedding, own_parameters)
         self.compressed_attention = CompressedAttention(config)
         self.selected_attention = SelectedAttention(config)
-        self.block_masked_selected_attention = BlockMaskedSelectedAttention(config)
         self.sliding_window = SlidingWindowAttention(config)
         self.gated_sum = GatedSum()
-        # False where the caller has already checked a Tensor's values (input_checks.checked_prefix_sums)
-        self.validates_prefix_sums = True
 
     def branch_paths(self, total, actual_seq_len=None):
         """Which implementation each branch takes for ``total`` tokens laid out by ``actual_seq_len``
@@ -109,7 +107,8 @@ class NativeSparseAttention(nn.Cell):
             (a MindSpore Ascend NSA kernel through ``nsa_layers.ops``) or ``"mindspore"`` (composite
             ops); ``reasons`` says, for each composite branch, which kernel condition failed.
         """
-        route = kernel_routing.route_for(self.config, total, packing.host_prefix_sums(actual_seq_len, total))
+        sums = prefix_sums("NativeSparseAttention", actual_seq_len, total)
+        route = kernel_routing.route_for(self.config, total, sums["host"])
         return dict(route.paths), dict(route.reasons)
 
     def construct(self, q, k, v, gates, actual_seq_len=None, query_offset=None):
@@ -127,20 +126,18 @@ class NativeSparseAttention(nn.Cell):
         self.check_inputs(q, k, v, gates, query_offset)
         cfg = self.config
         total = key_rows(k)
-        if self.validates_prefix_sums and isinstance(actual_seq_len, Tensor):
-            actual_seq_len = checked_prefix_sums("NativeSparseAttention", actual_seq_len, total)
+        sums = prefix_sums("NativeSparseAttention", actual_seq_len, total)
         if q.shape[0] == 0:  # MindSpore's reductions reject empty inputs
             return self._no_tokens(q)
         dtype = cfg.ms_compute_dtype
         kv = self.branch_kv(k, v)
         if compressors is None:
             compressors = self.compressor_weights()
-        layout = packed_layout(actual_seq_len, total, cfg)
+        layout = packed_layout(sums, total, cfg)
         queries = query_layout(layout, query_offset or 0, q.shape[0], cfg.query_chunk_size)
-        prefix_sums = packing.host_prefix_sums(actual_seq_len, total)
-        route = kernel_routing.kernel_route(cfg, total, prefix_sums)
+        route = kernel_routing.kernel_route(cfg, total, sums["host"])
         if route.any_kernel and q.shape[0] == total:
-            branches = self._branches_on_kernels(q.astype(dtype), kv, layout, queries, route, prefix_sums, compressors)
+            branches = self._branches_on_kernels(q.astype(dtype), kv, layout, queries, route, compressors)
         else:
             branches = self._branches(q.astype(dtype), kv, layout, queries, compressors)
         out = self.gated_sum(gates.astype(dtype), branches["o_cmp"], branches["o_slc"], branches["o_win"])
@@ -155,32 +152,33 @@ class NativeSparseAttention(nn.Cell):
         v_cmp = self.v_compressor(kv["cmp"][1], layout["window_starts"], compressors["v_weight"],
                                   compressors["v_position_embedding"])
         o_cmp, blocks, valid = self._compressed_and_selection(q, k_cmp, v_cmp, queries)
-        o_slc = self._selected(q, kv["slc"], blocks, valid, layout, queries)
+        o_slc = self.selected_attention(q, kv["slc"][0], kv["slc"][1], blocks, valid, layout, queries)
         o_win = self._sliding_window(q, kv["win"], queries)
         return {"o_cmp": o_cmp, "o_slc": o_slc, "o_win": o_win, "blocks": blocks, "valid": valid}
 
-    def _branches_on_kernels(self, q, kv, layout, queries, route, prefix_sums, compressors):
+    def _branches_on_kernels(self, q, kv, layout, queries, route, compressors):
         """:meth:`_branches` with the branches that ``route`` sends to MindSpore's Ascend NSA kernels
         (``kernel_routing``: host prefix sums, half-precision compute, the kernels' constraints); the
         others, and the sliding window (no kernel), stay composite."""
         cfg = self.config
+        prefix = layout["prefix_sums"]["host"]
         k_w, v_w, v_pe = compressors["k_weight"], compressors["v_weight"], compressors["v_position_embedding"]
         if route.uses_kernel("compress"):
             slots = layout["window_starts"].shape[0]
-            k_cmp = self.k_compressor.with_kernel(kv["cmp"][0], cfg.compress_stride, prefix_sums, slots, k_w)
-            v_cmp = self.v_compressor.with_kernel(kv["cmp"][1], cfg.compress_stride, prefix_sums, slots, v_w, v_pe)
+            k_cmp = self.k_compressor.with_kernel(kv["cmp"][0], cfg.compress_stride, prefix, slots, k_w)
+            v_cmp = self.v_compressor.with_kernel(kv["cmp"][1], cfg.compress_stride, prefix, slots, v_w, v_pe)
         else:
             k_cmp = self.k_compressor(kv["cmp"][0], layout["window_starts"], k_w)
             v_cmp = self.v_compressor(kv["cmp"][1], layout["window_starts"], v_w, v_pe)
         if route.uses_kernel("compressed_attention"):
             o_cmp, blocks, valid = kernel_routing.compressed_and_selection_kernel(
-                cfg, q, k_cmp, v_cmp, layout["position"], prefix_sums)
+                cfg, q, k_cmp, v_cmp, layout["position"], prefix)
         else:
             o_cmp, blocks, valid = self._compressed_and_selection(q, k_cmp, v_cmp, queries)
         if route.uses_kernel("selected_attention"):
-            o_slc = kernel_routing.selected_kernel(cfg, q, kv["slc"][0], kv["slc"][1], blocks, valid, prefix_sums)
+            o_slc = kernel_routing.selected_kernel(cfg, q, kv["slc"][0], kv["slc"][1], blocks, valid, prefix)
         else:
-            o_slc = self._selected(q, kv["slc"], blocks, valid, layout, queries)
+            o_slc = self.selected_attention(q, kv["slc"][0], kv["slc"][1], blocks, valid, layout, queries)
         o_win = self._sliding_window(q, kv["win"], queries)
         return {"o_cmp": o_cmp, "o_slc": o_slc, "o_win": o_win, "blocks": blocks, "valid": valid}
 
@@ -190,34 +188,6 @@ class NativeSparseAttention(nn.Cell):
         return self.compressed_attention(q, k_cmp, v_cmp, queries["first_window"], queries["windows_ended"],
                                          queries["position"], queries["row_offset"])
 
-    def _selected(self, q, kv_slc, blocks, valid, layout, queries):
-        """Attention over the selected blocks' tokens, ``(Tq, H, Dv)``: block-masked for the chunks that
-        end by row ``select_dense_rows`` (``BlockMaskedSelectedAttention``, one call per chunk), grouped
-        by block after them (``SelectedAttention``, on the rows padded to whole chunks)."""
-        cfg = self.config
-        k, v = kv_slc
-        chunk = cfg.query_chunk_size
-        chunks = queries["chunks"]
-        offset = queries["row_offset"]
-        dense = dense_chunks(q.shape[0], chunk, offset, cfg.select_dense_rows)
-        outs = []
-        # head-major keys and values cut into the chunks once (unused, and compiled away, without dense chunks)
-        k_pieces, v_pieces = _split_chunks(k.transpose(1, 0, 2), chunk, 1), _split_chunks(v.transpose(1, 0, 2), chunk, 1)
-        for j in range(dense):
-            c0, c1 = chunks[j]
-            end = offset + c1  # the chunk's end among the keys
-            outs.append(ungroup_outputs(self.block_masked_selected_attention(
-                group_queries(q[c0:c1], cfg.num_kv_heads), _leading_rows(k_pieces, chunk, end),
-                _leading_rows(v_pieces, chunk, end), layout["segment"][:end], layout["position"][:end],
-                blocks[c0:c1].transpose(1, 0, 2), valid[c0:c1].transpose(1, 0, 2), queries["segment"][c0:c1],
-                queries["position"][c0:c1]), c1 - c0))
-        if dense < len(chunks):
-            gathered = self.selected_attention(q, self.selected_attention.block_major(k, layout["block_starts"]),
-                                               self.selected_attention.block_major(v, layout["block_starts"]),
-                                               blocks, valid, queries["first_block"], queries["position"], offset)
-            outs.append(gathered[dense * chunk:])
-        return outs[0] if len(outs) == 1 else ops.cat(outs, 0)
-
     def _sliding_window(self, q, kv_win, queries):
         """Attention over the ``w`` keys ending at each query, ``(Tq, H, Dv)``."""
         return self.sliding_window(q, kv_win[0], kv_win[1], queries["position"], queries["row_offset"])
@@ -226,6 +196,18 @@ class NativeSparseAttention(nn.Cell):
         """The cell's compressor parameters as a :class:`~nsa_layers.compressor.CompressorWeights`."""
         return {"k_weight": self.k_compressor.weight, "v_weight": self.v_compressor.weight,
                 "v_position_embedding": self.v_compressor.position_embedding}
+
+    def compress_windows(self, k_windows, v_windows):
+        """Windows of raw keys ``(S, l, Hkv, Dq)`` and values ``(S, l, Hkv, Dv)`` -> their compressed
+        rows ``(k_cmp (S, Hkv, Dq), v_cmp (S, Hkv, Dv))`` with the cell's compressors (Eq. 7; what
+        decoding applies to the windows its new tokens complete)."""
+        return self.k_compressor.compress_windows(k_windows), self.v_compressor.compress_windows(v_windows)
+
+    def select_blocks(self, probs, first_window, position, num_blocks):
+        """The top-``n`` blocks that compression probabilities ``(Hkv, G, C, S)`` select for ``C``
+        queries (``BlockSelector``, as the compressed branch applies it): ``(blocks, valid)``, each
+        ``(Hkv, C, n)``."""
+        return self.compressed_attention.selector(probs, first_window, position, num_blocks)
 
     def check_inputs(self, q, k, v, gates, query_offset=None):
         """Types, ranks, shapes and dtypes of the inputs, before any work (``input_checks``)."""
@@ -256,30 +238,3 @@ class NativeSparseAttention(nn.Cell):
         return {"out": empty.astype(q.dtype), "o_cmp": empty, "o_slc": empty, "o_win": empty,
                 "blocks": ops.zeros(slots, ms.int32), "valid": ops.zeros(slots, ms.bool_)}
 
-
-def _leading_rows(pieces, chunk, end):
-    """Rows ``0 .. end - 1`` of head-major rows split into pieces of ``chunk`` rows (``(Hkv, r_i, D)``
-    each) -> ``(Hkv, end, D)``: whole pieces, then the head of the piece holding row ``end - 1`` (slices
-    of pieces, so each gradient is piece-sized; no copy for a single whole piece)."""
-    whole = end // chunk
-    rest = end - whole * chunk
-    rows = pieces[:whole]
-    if rest:  # the head of the next piece (all of it if it is the shorter last one)
-        rows += (pieces[whole] if pieces[whole].shape[1] == rest else pieces[whole][:, :rest],)
-    return rows[0] if len(rows) == 1 else ops.cat(rows, 1)
-
-
-def _split_chunks(x, chunk, axis):
-    """``x`` split along ``axis`` into pieces of ``chunk`` rows (the last one shorter), as a tuple.
-
-    One ``Split`` primitive, whose backward joins the pieces' gradients (slicing each piece instead
-    gives every piece a gradient the size of ``x``; ``docs/design.md``).
-    """
-    total = x.shape[axis]
-    whole = total // chunk
-    if whole * chunk == total:
-        return ops.Split(axis, whole)(x)
-    tail = ops.narrow(x, axis, whole * chunk, total - whole * chunk)
-    if whole == 0:
-        return (tail,)
-    return ops.Split(axis, whole)(ops.narrow(x, axis, 0, whole * chunk)) + (tail,)

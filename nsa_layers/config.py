@@ -37,7 +37,7 @@ class NSAConfig:
         select_dense_rows: a query chunk ending at row ``<= select_dense_rows`` computes the selected
             branch as one block-masked attention over all rows before its end (matmul-shaped, cheap
             while short); later chunks read each query's ``n`` blocks grouped by block
-            (``SelectedAttention``). ``None`` (given) becomes ``2 * select_block_count *
+            (``BlockGroupedSelectedAttention``). ``None`` (given) becomes ``2 * select_block_count *
             select_block_size`` (2048 for the paper's sizes, see ``docs/design.md``); ``0`` never uses
             the block mask. Both give the same result.
         compute_dtype: ``"float32"`` (CPU), ``"float16"`` or ``"bfloat16"``; inputs are cast to it.
@@ -87,7 +87,8 @@ class NSAConfig:
                              f"compress_block_size ({self.compress_block_size}).")
         if self.num_init_blocks + self.num_local_blocks > self.select_block_count:
             raise ValueError(f"NSAConfig: num_init_blocks + num_local_blocks ({self.num_init_blocks} + "
-                             f"{self.num_local_blocks}) must not exceed select_block_count ({self.select_block_count}).")
+                             f"{self.num_local_blocks}) must not exceed select_block_count "
+                             f"({self.select_block_count}).")
         if self.select_dense_rows is not None and (isinstance(self.select_dense_rows, bool) or not isinstance(
                 self.select_dense_rows, int) or self.select_dense_rows < 0):
             raise ValueError(f"NSAConfig: 'select_dense_rows' must be a non-negative int or None, but got "

@@ -1,13 +1,17 @@
 """The NSA decode state of one layer: every branch's keys and values for ``B`` sequence slots, in
 static-shape buffers updated in place (MindSpore ``Parameter``s), so that a compiled decode step is
-compiled once whatever the sequences' lengths (they are int32 data)."""
+compiled once whatever the sequences' lengths (they are int32 data). The cache owns its addressing:
+where a slot's token, ring entry or compressed window lives in each buffer."""
 
 import itertools
 
+import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor, nn
+from mindspore import Parameter, Tensor, nn, ops
 
 __all__ = ["NSAKVCache", "compressed_rows"]
+
+_SCATTER = ops.ScatterUpdate()  # in place on the cache's Parameters
 
 
 def compressed_rows(max_len, block, stride):
@@ -35,6 +39,10 @@ class NSAKVCache(nn.Cell):
       (row = window index), then one scratch row (``B * W``) that absorbs a step's writes for
       tokens that complete no window (never read).
     - ``lengths``: ``(B,)`` int32 tokens stored per slot.
+
+    Every row index a reader or writer needs comes from the methods below (``history_rows``,
+    ``window_rows``, ``tail_rows``, ``compressed_rows``, each ``(...)`` -> ``(..., Hkv)``), and
+    :meth:`read` / :meth:`write` move the rows.
 
     Keys are stored as the branches take them: after the rotary hook of ``NSASelfAttention``
     (queries and keys are rotated at their in-segment positions before compression), and the
@@ -69,15 +77,17 @@ class NSAKVCache(nn.Cell):
                                  requires_grad=False)
         self.k_selected, self.v_selected = (self._buffer(f"{kind}_selected", max_len, dims[kind]) for kind in "kv")
         # rows per slot of the window branch's and the compressor's sources (the history when shared)
-        self.window_rows = max_len
-        self.tail_rows = max_len
+        self.window_ring = max_len
+        self.tail_ring = max_len
         if self.independent_kv:
-            self.window_rows = min(max_len, config.window_size - 1 + max_step_tokens)
-            self.tail_rows = min(max_len, config.compress_block_size - 1 + max_step_tokens)
-            self.k_window, self.v_window = (self._buffer(f"{kind}_window", self.window_rows, dims[kind]) for kind in "kv")
-            self.k_tail, self.v_tail = (self._buffer(f"{kind}_tail", self.tail_rows, dims[kind]) for kind in "kv")
+            self.window_ring = min(max_len, config.window_size - 1 + max_step_tokens)
+            self.tail_ring = min(max_len, config.compress_block_size - 1 + max_step_tokens)
+            self.k_window, self.v_window = (self._buffer(f"{kind}_window", self.window_ring, dims[kind])
+                                            for kind in "kv")
+            self.k_tail, self.v_tail = (self._buffer(f"{kind}_tail", self.tail_ring, dims[kind]) for kind in "kv")
         self.k_compressed, self.v_compressed = (self._buffer(f"{kind}_compressed", self.windows, dims[kind], scratch=1)
                                                 for kind in "kv")
+        self.heads = Tensor(np.arange(self.kv_heads, dtype=np.int32))
 
     def _buffer(self, name, rows, dim, scratch=0):
         shape = ((self.batch_slots * rows + scratch) * self.kv_heads, dim)
@@ -85,16 +95,67 @@ class NSAKVCache(nn.Cell):
                          name=f"{self.prefix}.{name}", requires_grad=False)
 
     def window_source(self):
-        """``(k, v, rows per slot)`` the window branch reads."""
+        """``(k, v)``: the buffers the window branch reads (rows: :meth:`window_rows`)."""
         if self.independent_kv:
-            return self.k_window, self.v_window, self.window_rows
-        return self.k_selected, self.v_selected, self.max_len
+            return self.k_window, self.v_window
+        return self.k_selected, self.v_selected
 
     def tail_source(self):
-        """``(k, v, rows per slot)`` the compressor reads."""
+        """``(k, v)``: the buffers the compressor reads (rows: :meth:`tail_rows`)."""
         if self.independent_kv:
-            return self.k_tail, self.v_tail, self.tail_rows
-        return self.k_selected, self.v_selected, self.max_len
+            return self.k_tail, self.v_tail
+        return self.k_selected, self.v_selected
+
+    def head_rows(self, slot_rows):
+        """Slot-major rows ``(...)`` int32 -> their ``(..., Hkv)`` rows in a ``(rows * Hkv, D)`` buffer."""
+        shape = slot_rows.shape
+        return slot_rows.reshape(shape + (1,)) * self.kv_heads + self.heads.reshape((1,) * len(shape) + (-1,))
+
+    def history_rows(self, slot, position):
+        """Rows of ``k_selected`` / ``v_selected`` holding the tokens at ``position`` of ``slot``
+        (int32, same shape) -> ``(..., Hkv)``."""
+        return self.head_rows(slot * self.max_len + position)
+
+    def history_rows_by_head(self, slot, position):
+        """Rows of ``k_selected`` / ``v_selected`` where KV head ``h`` reads ``position[:, h]`` of ``slot``
+        (int32, ``(N, Hkv, ...)`` both) -> the same shape (each head its own tokens)."""
+        rows = slot * self.max_len + position
+        return rows * self.kv_heads + self.heads.reshape((1, -1) + (1,) * (rows.ndim - 2))
+
+    def window_rows(self, slot, position):
+        """Rows of :meth:`window_source` holding ``position >= 0`` of ``slot`` -> ``(..., Hkv)`` (a ring
+        with independent K/V: row ``position % ring``)."""
+        return self.head_rows(slot * self.window_ring + position % self.window_ring)
+
+    def tail_rows(self, slot, position):
+        """Rows of :meth:`tail_source` holding ``position >= 0`` of ``slot`` -> ``(..., Hkv)``."""
+        return self.head_rows(slot * self.tail_ring + position % self.tail_ring)
+
+    def compressed_rows(self, slot, window, used=None):
+        """Rows of ``k_compressed`` / ``v_compressed`` holding compressed ``window`` of ``slot`` ->
+        ``(..., Hkv)``; where ``used`` (bool, same shape) is False, the scratch row that no read sees."""
+        rows = slot * self.windows + window
+        if used is not None:
+            rows = ops.where(used, rows, ops.full_like(rows, self.batch_slots * self.windows))
+        return self.head_rows(rows)
+
+    @staticmethod
+    def read(buffer, rows):
+        """``(rows * Hkv, D)`` buffer, int32 rows ``(...)`` -> ``(..., D)``."""
+        return ops.gather(buffer, rows.reshape(-1), 0).reshape(rows.shape + (buffer.shape[1],))
+
+    @staticmethod
+    def write(buffer, rows, values):
+        """``values (..., D)`` into the ``rows (...)`` of a buffer, in place (no copy of the buffer)."""
+        return _SCATTER(buffer, rows, values)
+
+    def set_lengths(self, slots, lengths):
+        """Tokens stored per slot: ``lengths`` for ``slots`` (int32, in place)."""
+        return _SCATTER(self.lengths, slots, lengths)
+
+    def add_lengths(self, counts):
+        """``counts (B,)`` more tokens stored per slot (in place)."""
+        return ops.assign(self.lengths, self.lengths + counts.astype(ms.int32))
 
     def host_lengths(self):
         """``lengths`` as a NumPy array (a device read)."""

@@ -1,5 +1,9 @@
 """Packed variable-length batches, graph side: the per-token layout as tensors, built once per forward.
 
+Prefix sums enter a layer once, through :func:`prefix_sums`: normalised and checked there, they
+travel as one :class:`PrefixSums` record (the graph tensor, and the host tuple when the values are
+known on the host), which every later step takes as it is.
+
 The NSA core never branches on the layout in Python: every segment rule is data in the tensors of
 one record, :class:`PackedLayout`, computed with static-shape MindSpore ops from the prefix sums,
 so the same graph serves every layout of ``T`` tokens (MindFormers feeds prefix sums as graph data).
@@ -11,23 +15,72 @@ Terms, used with one meaning throughout the layers:
   their first rows;
 - *block slots*: the selection blocks (``l'`` tokens from each segment's first token), block-major
   in row order, padded to a static count ``B``; ``block_starts`` are their first rows;
-- *query chunks*: the ``(c0, c1)`` row ranges of ``query_chunk_size`` queries processed together.
+- *query chunks*: the ``(c0, c1)`` row ranges of ``query_chunk_size`` queries processed together
+  (:class:`QueryLayout`).
 
 The host-side counterparts, on prefix sums as Python values, are in :mod:`nsa_layers.packing`.
 """
 
-from typing import TypedDict
+from typing import Optional, TypedDict
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, ops
 from mindspore.ops import constexpr
 
 from .attention_math import column_tiled, row_tiled
-from .packing import max_windows, normalize_prefix_sums
+from .input_checks import checked_prefix_sums
+from .packing import host_prefix_sums, max_windows
 
-__all__ = ["PackedLayout", "QueryLayout", "packed_layout", "query_layout", "prefix_sums_tensor", "positions_tensor",
-           "window_rows_tensor", "windows_ended", "token_layout"]
+__all__ = ["PrefixSums", "PackedLayout", "QueryLayout", "prefix_sums", "known_prefix_sums", "packed_layout",
+           "query_layout", "positions_tensor", "window_rows_tensor", "windows_ended", "token_layout"]
+
+
+class PrefixSums(TypedDict):
+    """The segment ends of a packed batch of ``T`` tokens, normalised and checked where they entered a
+    layer (:func:`prefix_sums`); a layer given this record uses it as it is.
+
+    Fields:
+        ends: ``(E,)`` int32 Tensor, values in ``[0, T]``; a token's segment is delimited by the nearest
+            ends at or before it and after it, so their order, a leading 0, repeats and padding do not
+            matter (:func:`token_layout`).
+        host: the normalised ends as a tuple of ints (strictly increasing, the last ``T``;
+            ``packing.normalize_prefix_sums``) when the values are known on the host, else None (a
+            Tensor: graph data). The Ascend kernel route needs them (``kernel_routing``).
+    """
+
+    ends: Tensor
+    host: Optional[tuple]
+
+
+def prefix_sums(cell, actual_seq_len, total):
+    """``actual_seq_len`` as a :class:`PrefixSums` record of ``total`` tokens: the one place where
+    prefix sums enter a layer and are checked.
+
+    - a :class:`PrefixSums` record (a ``dict``) has been checked: it is returned as it is;
+    - ``None`` (one segment) and Python/NumPy sequences are normalised and checked on the host
+      (``packing.normalize_prefix_sums``; while compiling under ``mindspore.jit``);
+    - a ``Tensor`` (graph data, as MindFormers feeds it) is flattened and its values are checked when
+      the graph runs (``input_checks.checked_prefix_sums``, which names ``cell``).
+    """
+    if isinstance(actual_seq_len, dict):
+        return actual_seq_len
+    if isinstance(actual_seq_len, Tensor):
+        return {"ends": checked_prefix_sums(cell, actual_seq_len, total), "host": None}
+    host = host_prefix_sums(actual_seq_len, total)
+    return {"ends": _host_ends_tensor(host), "host": host}
+
+
+def known_prefix_sums(ends):
+    """A :class:`PrefixSums` record of ends a caller built from checked values (e.g. checked prefix
+    sums plus the batch rows' ends, in any order): ``ends`` int Tensor of any shape, flattened."""
+    ends = ends.reshape(-1)
+    return {"ends": ends if ends.dtype == ms.int32 else ends.astype(ms.int32), "host": None}
+
+
+@constexpr
+def _host_ends_tensor(host):
+    return Tensor(np.asarray(host, np.int32))
 
 
 class PackedLayout(TypedDict):
@@ -44,10 +97,7 @@ class PackedLayout(TypedDict):
         block_starts: ``(B,)`` first row of each block slot.
         first_block: ``(T,)`` block slot of the first block of each token's segment.
 
-    Static (Python ints):
-        chunks: ``((c0, c1), ...)`` the query chunks.
-        window_reach: per chunk, the window slots its queries can read (those starting before ``c1``).
-        block_reach: per chunk, the block slots its queries can read.
+    And ``prefix_sums``, the :class:`PrefixSums` it was built from.
     """
 
     segment: Tensor
@@ -57,20 +107,20 @@ class PackedLayout(TypedDict):
     windows_ended: Tensor
     block_starts: Tensor
     first_block: Tensor
-    chunks: tuple
-    window_reach: tuple
-    block_reach: tuple
+    prefix_sums: PrefixSums
 
 
 def packed_layout(actual_seq_len, total, config):
     """The :class:`PackedLayout` of ``total >= 1`` tokens for an NSA layer of ``config`` (``NSAConfig``).
 
     Args:
-        actual_seq_len: prefix sums as the layers take them (see :func:`prefix_sums_tensor`).
+        actual_seq_len: the segment ends, a :class:`PrefixSums` record or anything :func:`prefix_sums`
+            takes (and checks).
         total (int): ``T``, static.
-        config (NSAConfig): gives ``l``, ``d``, ``l'`` and the query chunk size.
+        config (NSAConfig): gives ``l``, ``d`` and ``l'``.
     """
-    ends = prefix_sums_tensor(actual_seq_len, total)
+    sums = prefix_sums("packed_layout", actual_seq_len, total)
+    ends = sums["ends"]
     num_ends = ends.shape[0]
     block, stride, select = config.compress_block_size, config.compress_stride, config.select_block_size
     segment, position, start, length = token_layout(ends, total)
@@ -78,8 +128,6 @@ def packed_layout(actual_seq_len, total, config):
     window_starts, window_start_here = _slots_tensor(position, length, block, stride, window_slots)
     block_slots = max_windows(total, num_ends, 1, select)
     block_starts, block_start_here = _slots_tensor(position, length, 1, select, block_slots)
-    size = config.query_chunk_size
-    chunks = tuple((c0, min(total, c0 + size)) for c0 in range(0, total, size))
     return {
         "segment": segment,
         "position": position,
@@ -88,10 +136,7 @@ def packed_layout(actual_seq_len, total, config):
         "windows_ended": windows_ended(position, block, stride),
         "block_starts": block_starts,
         "first_block": _first_slot_tensor(block_start_here, start),
-        "chunks": chunks,
-        # slots are in row order, so the ones starting before row c1 are the first ones
-        "window_reach": tuple(min(window_slots, max_windows(c1, num_ends, block, stride)) for _, c1 in chunks),
-        "block_reach": tuple(min(block_slots, max_windows(c1, num_ends, 1, select)) for _, c1 in chunks),
+        "prefix_sums": sums,
     }
 
 
@@ -138,36 +183,15 @@ def windows_ended(position, block, stride):
     return ops.maximum(position - (block - 1 - stride), 0) // stride
 
 
-@constexpr
-def _host_prefix_sums_tensor(actual_seq_len, total):
-    return Tensor(np.asarray(normalize_prefix_sums(actual_seq_len, total), np.int32))
-
-
-def prefix_sums_tensor(actual_seq_len, total):
-    """Prefix sums for the layers as a flat int tensor, in graph mode too.
-
-    ``None`` and Python/NumPy sequences are validated and normalised on the host
-    (``packing.normalize_prefix_sums``, at compile time under ``mindspore.jit``); a ``Tensor`` (data in
-    a compiled graph, as MindFormers feeds it) is flattened and used as it is: the layout tolerates its
-    leading 0, repeated values and padding, and each token's segment is delimited by the nearest ends
-    at or before it and after it (so their order does not matter). Its values are not checked here:
-    the cells check a Tensor they are given with ``input_checks.checked_prefix_sums``.
-    """
-    if isinstance(actual_seq_len, Tensor):
-        return actual_seq_len.reshape(-1)
-    if actual_seq_len is not None:
-        actual_seq_len = tuple(np.asarray(actual_seq_len).reshape(-1).tolist())
-    return _host_prefix_sums_tensor(actual_seq_len, total)
-
-
 def positions_tensor(actual_seq_len, total):
-    """In-segment position of every token, ``(T,)`` int32, from prefix sums (any form the layers take)."""
-    return token_layout(prefix_sums_tensor(actual_seq_len, total), total)[1]
+    """In-segment position of every token, ``(T,)`` int32, from prefix sums in any form :func:`prefix_sums`
+    takes (a Tensor's values are checked)."""
+    return token_layout(prefix_sums("positions_tensor", actual_seq_len, total)["ends"], total)[1]
 
 
 def token_layout(ends, total):
     """Per-token ``(segment, position, start_row, segment_length)``, four ``(T,)`` int32 tensors, from a
-    prefix-sum tensor with values in ``[0, total]`` in any order (see :func:`prefix_sums_tensor`)."""
+    prefix-sum tensor with values in ``[0, total]`` in any order (:class:`PrefixSums`)."""
     if total == 0:  # no tokens (MindSpore's max and min reject empty inputs)
         empty = ops.zeros((0,), ms.int32)
         return empty, empty, empty, empty

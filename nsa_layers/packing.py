@@ -8,16 +8,23 @@ lengths ``(s1, s2, s3)`` are passed as ``(s1, s1 + s2, s1 + s2 + s3)``; segment 
 The functions here run on the host, once per layout (at compile time under ``mindspore.jit``):
 segment starts and lengths, compressed-window counts and starts, per-token segment ids and
 positions (from ``nsa_layers.ops``, which applies the ops' strict contract to them), and the
-normalisation of prefix sums as MindFormers produces them. Their graph-side counterparts, on prefix
-sums given as a Tensor, are in :mod:`nsa_layers.layout`.
+normalisation of prefix sums as MindFormers produces them. The layers take prefix sums through
+:func:`nsa_layers.layout.prefix_sums`, which uses :func:`host_prefix_sums` for host values; the
+graph-side bookkeeping, also for prefix sums given as a Tensor, is in :mod:`nsa_layers.layout`.
 """
 
 import numpy as np
 from mindspore import Tensor
 from mindspore.ops import constexpr
 
-from .ops._varlen import (compressed_lengths, segment_lengths, segment_starts, token_positions, token_segment_ids,
-                          window_starts)
+from .ops._varlen import (
+    compressed_lengths,
+    segment_lengths,
+    segment_starts,
+    token_positions,
+    token_segment_ids,
+    window_starts,
+)
 
 __all__ = ["segment_starts", "segment_lengths", "compressed_lengths", "window_starts", "token_segment_ids",
            "token_positions", "normalize_prefix_sums", "host_prefix_sums", "max_windows"]
@@ -30,7 +37,7 @@ def normalize_prefix_sums(actual_seq_len, total):
     shape (it is flattened), with any of: a leading 0, repeated values (zero-length segments, e.g.
     padding with the final value), global offsets over a flattened micro-batch, and a last value
     below ``total`` (the remaining rows form one more segment). A ``Tensor`` is read back with
-    ``asnumpy()``: inside a compiled graph use :func:`nsa_layers.layout.layout_tensors`.
+    ``asnumpy()``: inside a compiled graph use :func:`nsa_layers.layout.prefix_sums`.
 
     Args:
         actual_seq_len: the prefix sums, or ``None``.
@@ -68,9 +75,7 @@ def normalize_prefix_sums(actual_seq_len, total):
 
 def host_prefix_sums(actual_seq_len, total):
     """The normalised prefix sums (:func:`normalize_prefix_sums`) of a host value (``None``, tuple,
-    list, array), also while ``mindspore.jit`` compiles; ``None`` for a Tensor (graph data)."""
-    if isinstance(actual_seq_len, Tensor):
-        return None
+    list, array), also while ``mindspore.jit`` compiles (a constant of the graph)."""
     if actual_seq_len is not None:
         actual_seq_len = tuple(np.asarray(actual_seq_len).reshape(-1).tolist())
     return _normalized(actual_seq_len, total)

@@ -21,12 +21,13 @@ redistributes around it, and its body runs single-device code on one rank's shar
 
 from dataclasses import dataclass, replace
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 from .attention import NativeSparseAttention
 from .input_checks import key_rows
+from .layout import known_prefix_sums
 
 __all__ = ["NSACoreLayouts", "NSACoreShard", "check_tensor_parallel", "core_layouts"]
 
@@ -109,7 +110,6 @@ class NSACoreShard(nn.Cell):
         self.rank_core = NativeSparseAttention(
             replace(config, num_heads=config.num_heads // tp, num_kv_heads=config.num_kv_heads // tp),
             own_parameters=False)
-        self.rank_core.validates_prefix_sums = False  # checked once per step by the model
         body = self.rank_forward_independent_kv if config.independent_kv else self.rank_forward
         self.morph = ops.Morph(body, self._infer_shape, self._infer_dtype).add_prim_attr("self_define_shard", True)
         self.no_position_embedding = Tensor(np.zeros((config.compress_block_size, config.num_kv_heads,
@@ -143,9 +143,10 @@ class NSACoreShard(nn.Cell):
 
     def _rank_core(self, q, k, v, gates, actual_seq_len, k_weight, v_weight, v_position_embedding):
         rows = key_rows(k)
+        # the shard's ends (checked once per step by the model) and its row ends, in any order
         ends = ops.cat((actual_seq_len.reshape(-1).astype(ms.int32), _row_ends(rows, self.row_length)))
         compressors = {"k_weight": k_weight, "v_weight": v_weight, "v_position_embedding": v_position_embedding}
-        return self.rank_core.forward_with_details(q, k, v, gates, ends, q.shape[0] * self.cp_rank,
+        return self.rank_core.forward_with_details(q, k, v, gates, known_prefix_sums(ends), q.shape[0] * self.cp_rank,
                                                    compressors)["out"]
 
     def _infer_shape(self, q, *inputs):

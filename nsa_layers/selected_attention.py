@@ -1,27 +1,40 @@
 """Selected-attention branch: each query attends to the raw tokens of its selected blocks, with a
 token-level causal mask inside its own block.
 
-Two exact formulations of the same branch, chosen per query chunk by ``NativeSparseAttention``:
+:class:`SelectedAttention` is the branch, one call from the core; it runs two exact formulations,
+chosen per query chunk:
 
-- :class:`SelectedAttention` groups the chunk's (query, slot) pairs by the block they read, so each
-  block is read once per tile of pairs, not copied per query (work linear in ``T``);
 - :class:`BlockMaskedSelectedAttention` attends to every row before the chunk's end through a
-  per-query block mask (one matmul; cheaper while the chunk ends early, ``NSAConfig.select_dense_rows``).
+  per-query block mask (one matmul; cheaper while the chunk ends early, ``NSAConfig.select_dense_rows``);
+- :class:`BlockGroupedSelectedAttention` groups the chunk's (query, slot) pairs by the block they
+  read, so each block is read once per tile of pairs, not copied per query (work linear in ``T``).
 """
 
 from typing import TypedDict
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore.ops import constexpr
 
-from .attention_math import (MaskedAttention, chunk_buckets, column_tiled, index_range, masked_score, padded_rows,
-                             row_dot, row_tiled, visibility_bias)
+from .attention_math import (
+    MaskedAttention,
+    chunk_buckets,
+    column_tiled,
+    group_queries,
+    index_range,
+    masked_score,
+    padded_rows,
+    row_dot,
+    row_tiled,
+    ungroup_outputs,
+    visibility_bias,
+)
 from .layout import window_rows_tensor
 
-__all__ = ["SelectedAttention", "BlockMaskedSelectedAttention", "SelectedTilePlan", "dense_chunks",
-           "selected_tile_plan", "selected_key_limit", "block_grouped_slots", "selected_block_mask", "tile_pairs"]
+__all__ = ["SelectedAttention", "BlockGroupedSelectedAttention", "BlockMaskedSelectedAttention", "SelectedTilePlan",
+           "dense_chunks", "selected_tile_plan", "selected_key_limit", "block_grouped_slots", "selected_block_mask",
+           "tile_pairs"]
 
 # primitives in what bprop calls (see attention_math)
 _GATHER = ops.Gather()
@@ -62,7 +75,8 @@ _TILE_ROWS = 64
 
 
 def tile_pairs(group_size):
-    """(query, slot) pairs per tile of :class:`SelectedAttention` for KV groups of ``group_size`` heads."""
+    """(query, slot) pairs per tile of :class:`BlockGroupedSelectedAttention` for KV groups of ``group_size``
+    heads."""
     return min(16, max(4, _TILE_ROWS // group_size))
 
 
@@ -74,8 +88,8 @@ def _tile_capacity(pairs, num_groups, tile):
 
 
 def block_grouped_slots(block_group, num_groups, tile):
-    """The block-grouped layout of :class:`SelectedAttention`: (query, slot) pairs grouped by the
-    block they read, each group padded to whole tiles of ``tile`` pairs.
+    """The block-grouped layout of :class:`BlockGroupedSelectedAttention`: (query, slot) pairs grouped
+    by the block they read, each group padded to whole tiles of ``tile`` pairs.
 
     Args:
         block_group (Tensor): ``(P,)`` int32 in ``[0, num_groups)``, the (KV head, block) each pair reads.
@@ -107,7 +121,7 @@ def block_grouped_slots(block_group, num_groups, tile):
 
 
 class SelectedTilePlan(TypedDict):
-    """Where :class:`SelectedAttention` moves every row, for one query chunk (all int32).
+    """Where :class:`BlockGroupedSelectedAttention` moves every row, for one query chunk (all int32).
 
     Each ``a_from_b`` is a gather index: for every row of layout ``a``, its row in layout ``b``
     (one past the end of ``b`` where ``a`` has a row that ``b`` lacks: a zero row). The layouts:
@@ -207,6 +221,89 @@ def _reach(total, block_slots, chunk, block, dense_rows, row_offset):
 
 
 class SelectedAttention(nn.Cell):
+    """The selected branch (paper Eq. 12): attention over the tokens of each query's selected blocks,
+    ``(Tq, H, Dv)``.
+
+    The query chunks that end by row ``select_dense_rows`` (:func:`dense_chunks`) go through
+    :class:`BlockMaskedSelectedAttention`, one call per chunk on the rows before its end; the later
+    ones through :class:`BlockGroupedSelectedAttention` on the keys and values laid out block-major.
+
+    Args:
+        config (NSAConfig): sizes.
+
+    Inputs:
+        q (Tensor): ``(Tq, H, Dq)``; k, v (Tensor): ``(T, Hkv, Dq)`` and ``(T, Hkv, Dv)``, the keys'
+            ``T`` rows.
+        blocks, valid (Tensor): ``(Tq, Hkv, n)`` selected in-segment block ids and slot validity.
+        layout (PackedLayout): the keys' (``layout.packed_layout``); queries (QueryLayout): the query
+            rows' (``layout.query_layout``).
+
+    Outputs:
+        Tensor ``(Tq, H, Dv)``.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.chunk = config.query_chunk_size
+        self.dense_rows = config.select_dense_rows
+        self.kv_heads = config.num_kv_heads
+        self.block_masked = BlockMaskedSelectedAttention(config)
+        self.block_grouped = BlockGroupedSelectedAttention(config)
+
+    def construct(self, q, k, v, blocks, valid, layout, queries):
+        chunk = self.chunk
+        chunks = queries["chunks"]
+        offset = queries["row_offset"]
+        dense = dense_chunks(q.shape[0], chunk, offset, self.dense_rows)
+        outs = []
+        # head-major keys and values cut into the chunks once (unused, and compiled away, without dense chunks)
+        k_pieces = _split_chunks(k.transpose(1, 0, 2), chunk, 1)
+        v_pieces = _split_chunks(v.transpose(1, 0, 2), chunk, 1)
+        for j in range(dense):
+            c0, c1 = chunks[j]
+            end = offset + c1  # the chunk's end among the keys
+            outs.append(ungroup_outputs(self.block_masked(
+                group_queries(q[c0:c1], self.kv_heads), _leading_rows(k_pieces, chunk, end),
+                _leading_rows(v_pieces, chunk, end), layout["segment"][:end], layout["position"][:end],
+                blocks[c0:c1].transpose(1, 0, 2), valid[c0:c1].transpose(1, 0, 2), queries["segment"][c0:c1],
+                queries["position"][c0:c1]), c1 - c0))
+        if dense < len(chunks):
+            grouped = self.block_grouped(q, self.block_grouped.block_major(k, layout["block_starts"]),
+                                         self.block_grouped.block_major(v, layout["block_starts"]), blocks, valid,
+                                         queries["first_block"], queries["position"], offset)
+            outs.append(grouped[dense * chunk:])
+        return outs[0] if len(outs) == 1 else ops.cat(outs, 0)
+
+
+def _leading_rows(pieces, chunk, end):
+    """Rows ``0 .. end - 1`` of head-major rows split into pieces of ``chunk`` rows (``(Hkv, r_i, D)``
+    each) -> ``(Hkv, end, D)``: whole pieces, then the head of the piece holding row ``end - 1`` (slices
+    of pieces, so each gradient is piece-sized; no copy for a single whole piece)."""
+    whole = end // chunk
+    rest = end - whole * chunk
+    rows = pieces[:whole]
+    if rest:  # the head of the next piece (all of it if it is the shorter last one)
+        rows += (pieces[whole] if pieces[whole].shape[1] == rest else pieces[whole][:, :rest],)
+    return rows[0] if len(rows) == 1 else ops.cat(rows, 1)
+
+
+def _split_chunks(x, chunk, axis):
+    """``x`` split along ``axis`` into pieces of ``chunk`` rows (the last one shorter), as a tuple.
+
+    One ``Split`` primitive, whose backward joins the pieces' gradients (slicing each piece instead
+    gives every piece a gradient the size of ``x``; ``docs/design.md``).
+    """
+    total = x.shape[axis]
+    whole = total // chunk
+    if whole * chunk == total:
+        return ops.Split(axis, whole)(x)
+    tail = ops.narrow(x, axis, whole * chunk, total - whole * chunk)
+    if whole == 0:
+        return (tail,)
+    return ops.Split(axis, whole)(ops.narrow(x, axis, 0, whole * chunk)) + (tail,)
+
+
+class BlockGroupedSelectedAttention(nn.Cell):
     """Attention over the tokens of ``k`` selected blocks per query and KV group, grouped by block,
     over a whole sequence.
 
@@ -335,7 +432,8 @@ class SelectedAttention(nn.Cell):
         q_tiles = self._to_tiles(_GATHER(q, flat, 0) * self.scale, plan)
         scores = _BMM_TRANSPOSE_B(q_tiles, k_tiles).reshape(-1, self.block)
         # the softmax over each (query, head)'s k * l' keys, in rows of those keys (every row has a tile row)
-        scores = _GATHER(scores, plan["softmax_from_tiles"], 0).reshape(kv_heads * chunk, self.group, count * self.block)
+        scores = _GATHER(scores, plan["softmax_from_tiles"], 0)
+        scores = scores.reshape(kv_heads * chunk, self.group, count * self.block)
         bias = _GATHER(_CAST(self.bias_table, q.dtype), plan["key_bias"], 0)
         probs = _SOFTMAX(scores + _TILE(bias.reshape(kv_heads * chunk, 1, count * self.block), (1, self.group, 1)))
         probs = _GATHER(_with_zero_row(probs.reshape(-1, self.block)), plan["tiles_from_softmax"], 0)
@@ -362,7 +460,8 @@ class SelectedAttention(nn.Cell):
 
 class BlockMaskedSelectedAttention(nn.Cell):
     """The selected branch as one attention over every row before the chunk's end, masked per query to
-    its selected blocks, its segment and its past (exactly the keys :class:`SelectedAttention` gathers).
+    its selected blocks, its segment and its past (exactly the keys :class:`BlockGroupedSelectedAttention`
+    gathers).
 
     Args:
         config (NSAConfig): sizes.

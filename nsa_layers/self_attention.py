@@ -1,11 +1,11 @@
 """``NSASelfAttention``: hidden states in, hidden states out, with NSA as the attention."""
 
-from mindspore import Tensor, nn, ops
+from mindspore import nn, ops
 
 from .attention import NativeSparseAttention
 from .gate import NSAGate
-from .input_checks import check_float_input, check_position_ids, checked_prefix_sums
-from .layout import positions_tensor, prefix_sums_tensor
+from .input_checks import check_float_input, check_position_ids
+from .layout import positions_tensor, prefix_sums
 
 __all__ = ["NSASelfAttention"]
 
@@ -43,7 +43,6 @@ class NSASelfAttention(nn.Cell):
         self.v_proj = nn.Dense(config.hidden_size, self.kv_sets * kv_heads * config.v_head_dim, has_bias=False)
         self.gate = NSAGate(config.hidden_size, heads)
         self.core = NativeSparseAttention(config)
-        self.core.validates_prefix_sums = False  # construct checks them before the core sees them
         self.out_proj = nn.Dense(heads * config.v_head_dim, config.hidden_size, has_bias=False)
         self.rotary = rotary
 
@@ -53,17 +52,15 @@ class NSASelfAttention(nn.Cell):
                                                                               ("hidden_size", cfg.hidden_size)))
         total = hidden_states.shape[0]
         check_position_ids("NSASelfAttention", position_ids, total)
-        if isinstance(actual_seq_len, Tensor):
-            actual_seq_len = checked_prefix_sums("NSASelfAttention", actual_seq_len, total)
+        sums = prefix_sums("NSASelfAttention", actual_seq_len, total)  # checked here, once
         if total == 0:  # no tokens: empty output, zero gradients (MindSpore's CPU MatMul leaves a product
             # over zero rows uninitialised, so the projections' weight gradients would be garbage)
             return ops.zeros((0, cfg.hidden_size), hidden_states.dtype)
-        ends = prefix_sums_tensor(actual_seq_len, total)
         positions = None
         if self.rotary is not None:
-            positions = position_ids.reshape(-1) if position_ids is not None else positions_tensor(ends, total)
+            positions = position_ids.reshape(-1) if position_ids is not None else positions_tensor(sums, total)
         q, k, v, gates = self.core_inputs(hidden_states, positions)
-        return self.output(self.core(q, k, v, gates, ends), hidden_states.dtype)
+        return self.output(self.core(q, k, v, gates, sums), hidden_states.dtype)
 
     def core_inputs(self, hidden_states, positions=None):
         """``(q, k, v, gates)`` for the core from ``hidden_states (T, hidden)``: projections, the gate,

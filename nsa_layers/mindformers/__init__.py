@@ -23,14 +23,15 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the installation
     raise ImportError("nsa_layers.mindformers needs MindFormers 1.9: pip install 'nsa-layers[mindformers]'") from err
 
-from .configuration import NSAQwen3Config, NSA_CONFIG_KEYS, CHECKPOINT_KEYS, use_checkpoint_config
-from .attention import NSACoreAttention, NSASelfAttentionSubmodules, GPTNSASelfAttention, GPTNSASelfAttentionContiguous
-from .spec import get_nsa_layer_spec
-from .model import NSAQwen3ForCausalLM
-from .cpu import apply_cpu_swaps, NSATrainOneStepCell
-from .selection_probe import LayerSelection
-from .dataset import PackedMindRecordLoader
+from .attention import GPTNSASelfAttention, GPTNSASelfAttentionContiguous, NSACoreAttention, NSASelfAttentionSubmodules
 from .callbacks import NSAProgressBar, PackedDataCheck
+from .configuration import CHECKPOINT_KEYS, NSA_CONFIG_KEYS, NSAQwen3Config, use_checkpoint_config
+from .cpu import apply_cpu_swaps
+from .dataset import PackedMindRecordLoader
+from .model import NSAQwen3ForCausalLM
+from .selection_probe import LayerSelection
+from .spec import get_nsa_layer_spec
+from .wrapper import NSATrainOneStepCell
 
 __all__ = ["NSAQwen3Config", "NSA_CONFIG_KEYS", "CHECKPOINT_KEYS", "use_checkpoint_config", "NSACoreAttention",
            "NSASelfAttentionSubmodules", "GPTNSASelfAttention", "GPTNSASelfAttentionContiguous", "get_nsa_layer_spec",

@@ -10,24 +10,55 @@ then the NSA core.
 """
 
 from dataclasses import dataclass
-from typing import Union
+from typing import TypedDict, Union
 
 import mindspore as ms
+from mindformers.parallel_core.training_graph.communication import get_dp_cp_id
+from mindformers.parallel_core.training_graph.transformer.attention import (
+    SelfAttention,
+    SelfAttentionContiguous,
+    SelfAttentionSubmodules,
+)
+from mindformers.parallel_core.utils.spec_utils import ModuleSpec, build_module
 from mindspore import ops
 from mindspore.context import ParallelMode
 from mindspore.parallel._utils import _get_parallel_mode
-from mindformers.parallel_core.training_graph.communication import get_dp_cp_id
-from mindformers.parallel_core.training_graph.transformer.attention import (
-    SelfAttention, SelfAttentionContiguous, SelfAttentionSubmodules)
-from mindformers.parallel_core.utils.spec_utils import ModuleSpec, build_module
 
 from ..attention import NativeSparseAttention
 from ..config import NSAConfig
+from ..layout import known_prefix_sums
 from ..parallel import NSACoreShard, check_tensor_parallel
 
-__all__ = ["NSACoreAttention", "NSASelfAttentionSubmodules", "GPTNSASelfAttention", "GPTNSASelfAttentionContiguous"]
+__all__ = ["NSACoreAttention", "NSASelfAttentionSubmodules", "GPTNSASelfAttention", "GPTNSASelfAttentionContiguous",
+           "PrefillRequest", "StepRequest", "prefill_request", "step_request"]
 
 _DTYPE_NAMES = {ms.float32: "float32", ms.float16: "float16", ms.bfloat16: "bfloat16"}
+
+
+class PrefillRequest(TypedDict):
+    """A cached generation's prefill, given to every :class:`GPTNSASelfAttention` in place of the prefix
+    sums (the one input MindFormers' decoder block hands each attention unchanged): ``prefill_ends``
+    ``(N,)`` int32 prompt ends and ``slots`` ``(N,)`` int32 their cache slots (``NSAPrefill``)."""
+
+    prefill_ends: ms.Tensor
+    slots: ms.Tensor
+
+
+class StepRequest(TypedDict):
+    """A cached generation's step, in the same place: ``step_counts`` ``(B,)`` int32 new tokens per cache
+    slot (``NSADecodeStep``)."""
+
+    step_counts: ms.Tensor
+
+
+def prefill_request(ends, slots):
+    """A :class:`PrefillRequest` (pass it through ``mindspore.mutable``: its tensors are graph data)."""
+    return {"prefill_ends": ends, "slots": slots}
+
+
+def step_request(counts):
+    """A :class:`StepRequest` (pass it through ``mindspore.mutable``)."""
+    return {"step_counts": counts}
 
 
 class NSACoreAttention(NativeSparseAttention):
@@ -54,9 +85,6 @@ class NSACoreAttention(NativeSparseAttention):
             head_dim=config.kv_channels, v_head_dim=config.kv_channels,
             compute_dtype=_DTYPE_NAMES[config.compute_dtype], **nsa_params))
         self.layer_number = layer_number
-        # NSAQwen3ForCausalLM checks the fed prefix sums once per step; the host attention then adds
-        # the row ends, unordered (GPTNSASelfAttention._segment_ends)
-        self.validates_prefix_sums = False
         self.core_shard = None
         if _get_parallel_mode() == ParallelMode.SEMI_AUTO_PARALLEL:
             _, cp_rank = get_dp_cp_id(config)
@@ -98,7 +126,7 @@ class _NSAHostAttention:
             raise TypeError(f"{type(self).__name__}: the core_attention submodule must build a "
                             f"NativeSparseAttention (e.g. NSACoreAttention), got {type(self.core_attention).__name__}.")
         self.gate = build_module(submodules.gate, self.hidden_size, self.num_heads)
-        # the layer's NSAPrefill / NSADecodeStep while a cached generation runs (``generation``)
+        # the layer's NSAPrefill / NSADecodeStep while a cached generation runs (attach_decode_cells)
         self.nsa_prefill = None
         self.nsa_step = None
         self.independent_kv = self.core_attention.config.independent_kv
@@ -113,6 +141,14 @@ class _NSAHostAttention:
         self.gate_transpose = ops.Transpose()
         if _get_parallel_mode() == ParallelMode.SEMI_AUTO_PARALLEL:
             self.shard_nsa()
+
+    def attach_decode_cells(self, prefill, step):
+        """Use ``prefill`` (``NSAPrefill``) and ``step`` (``NSADecodeStep``) of this layer's cache for the
+        decode requests; ``None`` for both detaches them. Called by the cached generation only
+        (``CachedGeneration``), around each ``generate``."""
+        # plain attributes, not sub-cells: a sub-cell would prefix (rename) the layer's parameters
+        object.__setattr__(self, "nsa_prefill", prefill)
+        object.__setattr__(self, "nsa_step", step)
 
     def shard_nsa(self):
         """Lay out what the NSA host adds (MindFormers' ``(dp, cp, tp)``): the gate as a column-parallel
@@ -130,11 +166,12 @@ class _NSAHostAttention:
 
         ``attention_mask`` is not read: NSA builds its causal, per-document masks from
         ``actual_seq_len`` (global prefix sums over the flattened ``B*S`` tokens, padded, as MindFormers
-        feeds them; ``None`` = every row is one document). A document never crosses a row.
+        feeds them; ``None`` = every row is one document). A document never crosses a row. A
+        :class:`PrefillRequest` or :class:`StepRequest` there runs the layer's cache instead.
         """
         if prefix_keys_values is not None:
             raise NotImplementedError("GPTNSASelfAttention: prefix_keys_values is not supported.")
-        if isinstance(actual_seq_len, tuple):  # a decode request of the cached generation
+        if isinstance(actual_seq_len, dict):  # a PrefillRequest or StepRequest of the cached generation
             return self._decode(hidden_states, rotary_pos_emb, actual_seq_len)
         seq_len, bs, _ = self.shape(hidden_states)
         if self.core_attention.core_shard is not None:  # the sharded core adds each rank's row ends itself
@@ -145,15 +182,15 @@ class _NSAHostAttention:
         return self._output(out, hidden_states, seq_len, bs)
 
     def _decode(self, hidden_states, rotary_pos_emb, request):
-        """New tokens ``hidden_states (T, 1, hidden)`` through the layer's cache: ``request`` is
-        ``(ends, slots)`` (prefill, :class:`~nsa_layers.decode.NSAPrefill`) or ``(counts,)`` (a step,
-        :class:`~nsa_layers.decode.NSADecodeStep`); ``rotary_pos_emb`` holds each token's rotary row."""
+        """New tokens ``hidden_states (T, 1, hidden)`` through the layer's cache: ``request`` is a
+        :class:`PrefillRequest` (:class:`~nsa_layers.decode.NSAPrefill`) or a :class:`StepRequest`
+        (:class:`~nsa_layers.decode.NSADecodeStep`); ``rotary_pos_emb`` holds each token's rotary row."""
         seq_len, bs, _ = self.shape(hidden_states)
         q, k, v, gates, _ = self._core_inputs(hidden_states, rotary_pos_emb, None)
-        if len(request) == 2:
-            out = self.nsa_prefill(q, k, v, gates, request[0], request[1])[0]
+        if "step_counts" in request:
+            out = self.nsa_step(q, k, v, gates, request["step_counts"])[0]
         else:
-            out = self.nsa_step(q, k, v, gates, request[0])[0]
+            out = self.nsa_prefill(q, k, v, gates, request["prefill_ends"], request["slots"])[0]
         return self._output(out, hidden_states, seq_len, bs)
 
     def _output(self, out, hidden_states, seq_len, bs):
@@ -208,12 +245,13 @@ class _NSAHostAttention:
 
     @staticmethod
     def _segment_ends(actual_seq_len, seq_len, bs):
-        """Prefix sums over the ``B*S`` tokens: the fed ones plus every row end (order is irrelevant to
-        ``layout.prefix_sums_tensor``), so that documents stay inside their rows whatever is fed."""
+        """The core's :class:`~nsa_layers.layout.PrefixSums` over the ``B*S`` tokens: the fed ends
+        (which ``NSAQwen3ForCausalLM`` checks once per step) plus every row end, in any order, so that
+        documents stay inside their rows whatever is fed."""
         row_ends = ops.arange(1, bs + 1, dtype=ms.int32) * seq_len
         if actual_seq_len is None:
-            return row_ends
-        return ops.cat((actual_seq_len.reshape(-1).astype(ms.int32), row_ends))
+            return known_prefix_sums(row_ends)
+        return known_prefix_sums(ops.cat((actual_seq_len.reshape(-1).astype(ms.int32), row_ends)))
 
 
 class GPTNSASelfAttention(_NSAHostAttention, SelfAttention):

@@ -11,22 +11,24 @@ runs ``NSAPrefill`` / ``NSADecodeStep`` on its layer's cache) and the output lay
 one graph per prompt length and per number of unfinished rows.
 """
 
+import contextlib
 import time
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn
 
-from ..decode import NSADecoder
+from ..decoder import NSADecoder
 from ..packing import token_positions
+from .attention import prefill_request, step_request
 
 __all__ = ["CachedGeneration"]
 
 
 class _CachedForward(nn.Cell):
     """Logits ``(T, vocab)`` float32 of ``T`` new tokens ``input_ids (1, T)`` whose rotary rows
-    ``(T, 1, 1, D)`` are given; ``request`` (a tuple) tells every NSA attention what to do with its
-    cache: ``(ends, slots)`` prefill, ``(counts,)`` step."""
+    ``(T, 1, 1, D)`` are given; ``request`` (a ``PrefillRequest`` or ``StepRequest``) tells every NSA
+    attention what to do with its cache."""
 
     def __init__(self, gpt):
         super().__init__(auto_prefix=False)
@@ -43,8 +45,8 @@ class _CachedForward(nn.Cell):
 
 
 class _CacheSession:
-    """One layer's :class:`~nsa_layers.decode.NSADecoder` per NSA attention for ``batch`` rows of up
-    to ``max_len`` tokens, attached to the attentions while a generation runs."""
+    """One layer's :class:`~nsa_layers.decoder.NSADecoder` per NSA attention for ``batch`` rows of up
+    to ``max_len`` tokens; :meth:`attached` lends their cells to the attentions while a generation runs."""
 
     def __init__(self, model, batch, max_len):
         self.attentions = [layer.self_attention for layer in model.model.decoder.layers]
@@ -62,16 +64,18 @@ class _CacheSession:
         self.lengths = None  # host copy of the tokens each row has in the cache
         self.timing = {"prefill_s": 0.0, "steps": 0, "step_s": 0.0, "first_step_s": 0.0}
 
-    def attach(self):
-        # plain attributes, not sub-cells: a sub-cell would prefix (rename) the layer's parameters
+    @contextlib.contextmanager
+    def attached(self):
+        """A new generation (:meth:`start`) with every attention's decode requests going to its layer's
+        cache cells, detached on the way out whatever happens."""
+        self.start()
         for attention, decoder in zip(self.attentions, self.decoders):
-            object.__setattr__(attention, "nsa_prefill", decoder.prefill_cell)
-            object.__setattr__(attention, "nsa_step", decoder.step_cell)
-
-    def detach(self):
-        for attention in self.attentions:
-            object.__setattr__(attention, "nsa_prefill", None)
-            object.__setattr__(attention, "nsa_step", None)
+            attention.attach_decode_cells(decoder.prefill_cell, decoder.step_cell)
+        try:
+            yield self
+        finally:
+            for attention in self.attentions:
+                attention.attach_decode_cells(None, None)
 
     def logits(self, input_ids, valid_length):
         """``(B, vocab)`` next-token logits of every row (zeros for finished rows) from the padded
@@ -84,13 +88,13 @@ class _CacheSession:
             tokens = np.concatenate([input_ids[b, :valid_length[b]] for b in range(batch)])
             positions = token_positions(np.cumsum(valid_length))
             ends, slots = self.decoders[0].check_prefill(tokens.size, np.cumsum(valid_length), np.arange(batch))
-            request = (ends, slots)
+            request = prefill_request(ends, slots)
         else:  # one new token for each row whose valid length grew (finished rows stay)
             counts = valid_length - self.lengths
             active = np.flatnonzero(counts)
             tokens = input_ids[active, valid_length[active] - 1]
             positions = self.lengths[active]
-            request = (self.decoders[0].check_step(tokens.size, counts),)
+            request = step_request(self.decoders[0].check_step(tokens.size, counts))
         start = time.perf_counter()
         logits = self.forward(Tensor(tokens.reshape(1, -1).astype(np.int32)), Tensor(self.rotary[positions]),
                               ms.mutable(request)).asnumpy()
@@ -127,15 +131,13 @@ class CachedGeneration:
         if not self.nsa_cache:
             return super().generate(input_ids, *args, **kwargs)
         session = self.nsa_cache_session(np.asarray(input_ids).shape[0])
-        session.start()
-        session.attach()
-        self._nsa_session = session  # pylint: disable=attribute-defined-outside-init
-        try:
-            return super().generate(input_ids, *args, **kwargs)
-        finally:
-            session.detach()
-            self._nsa_session = None  # pylint: disable=attribute-defined-outside-init
-            self.nsa_generation_timing = session.timing  # pylint: disable=attribute-defined-outside-init
+        with session.attached():
+            self._nsa_session = session  # pylint: disable=attribute-defined-outside-init
+            try:
+                return super().generate(input_ids, *args, **kwargs)
+            finally:
+                self._nsa_session = None  # pylint: disable=attribute-defined-outside-init
+                self.nsa_generation_timing = session.timing  # pylint: disable=attribute-defined-outside-init
 
     def forward(self, input_ids, valid_length_each_example, *args, **kwargs):
         """MindFormers' per-token ``forward``: ``(logits, current_index)``; with the cache, one

@@ -1,18 +1,16 @@
-"""Decoding with the NSA cache (``nsa_layers.decode``): prefill and steps equal the training forward
-of each whole sequence, branch by branch (outputs to float32 rounding, selected blocks exactly),
-on random parameters and inputs, through every boundary of the compressor, the blocks and the
+"""Decoding with the NSA cache (``nsa_layers.decoder``, ``nsa_layers.decode``): prefill and steps equal the
+training forward of each whole sequence, branch by branch (outputs to float32 rounding, selected blocks
+exactly), on random parameters and inputs, through every boundary of the compressor, the blocks and the
 window; sequences in different slots do not interact; bad calls raise and leave the cache as it was."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor
-
-from nsa_layers import NSAKVCache, NSASelfAttention, RotaryEmbedding
-from nsa_layers.decode import NSADecoder, NSASelfAttentionDecoder
 
 from helpers import nsa_reference
 from helpers.nsa_cases import Case, small_config
+from nsa_layers import NSADecoder, NSAKVCache, NSASelfAttention, NSASelfAttentionDecoder, RotaryEmbedding
 
 FIELDS = ("out", "o_cmp", "o_slc", "o_win")
 
@@ -251,10 +249,12 @@ def _bad_calls():
         return decoder.test_inputs(rows)
     return [
         ("counts sum", lambda d: d.step(*inputs(d, 3), [1, 1]), ValueError, "must sum to the new tokens Q=3"),
-        ("negative count", lambda d: d.step(*inputs(d, 1), [2, -1]), ValueError, r"must be in \[0, max_step_tokens=4\]"),
+        ("negative count", lambda d: d.step(*inputs(d, 1), [2, -1]), ValueError,
+         r"must be in \[0, max_step_tokens=4\]"),
         ("count over max_step", lambda d: d.step(*inputs(d, 5), [5, 0]), ValueError, "max_step_tokens=4"),
         ("counts shape", lambda d: d.step(*inputs(d, 2), [1, 1, 0]), ValueError, "one count per slot"),
-        ("float counts", lambda d: d.step(*inputs(d, 2), np.array([1.0, 1.0])), TypeError, "'counts' must hold integers"),
+        ("float counts", lambda d: d.step(*inputs(d, 2), np.array([1.0, 1.0])), TypeError,
+         "'counts' must hold integers"),
         ("q shape", lambda d: d.step(Tensor(np.ones((2, 3, 16), np.float32)), *inputs(d, 2)[1:], [1, 1]),
          ValueError, "'q' must have shape"),
         ("slot range", lambda d: d.prefill(*inputs(d, 4), [4], [2]), ValueError, r"slot 2 is out of range \[0, 2\)"),

@@ -1,9 +1,10 @@
-"""The block-grouped layout of SelectedAttention: its bookkeeping (block_grouped_slots) and every
+"""The block-grouped layout of BlockGroupedSelectedAttention: its bookkeeping (block_grouped_slots) and every
 index of its plan (selected_tile_plan)."""
 
 import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
 from mindspore import Tensor
-from hypothesis import given, strategies as st
 
 from nsa_layers.selected_attention import block_grouped_slots, selected_tile_plan, tile_pairs
 
