@@ -1,13 +1,14 @@
 # Two commands do all set-up on a fresh machine (a virtual environment in .venv with the pinned stack):
 #   make demo      runs the main example (flags: make demo ARGS="--pretrained DIR")
 #   make test      runs the fast test tier (at most 5 minutes on 2 cores)
-#   make test-all  runs every test (what CI runs: .ci/run)
+#   make test-all  runs every test (what CI runs: .ci/run, after make lint)
+#   make lint      checks the code with ruff (configured in pyproject.toml)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nsa-layers-installed
 
-.PHONY: setup demo test test-all bench bench-attention bench-decode clean
+.PHONY: setup demo test test-all lint bench bench-attention bench-decode clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/bench_compress.py

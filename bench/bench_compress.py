@@ -15,8 +15,8 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 
 from nsa_layers import packing
 from nsa_layers.ops import nsa_compress
@@ -65,7 +65,7 @@ def mindspore_rows(x, w, block, stride, prefix, dy, repeat):
     rows = {}
     for mode, fwd, bwd in (("PyNative", forward, grad), ("ms.jit", ms.jit(forward), ms.jit(grad))):
         rows[f"MindSpore fallback, {mode}"] = (
-            median_ms(lambda: sync(fwd(xt, wt)), repeat), median_ms(lambda: sync(bwd(xt, wt)), repeat))
+            median_ms(lambda fwd=fwd: sync(fwd(xt, wt)), repeat), median_ms(lambda bwd=bwd: sync(bwd(xt, wt)), repeat))
     x16, w16 = xt.astype(ms.float16), wt.astype(ms.float16)
 
     def forward16(a, b):

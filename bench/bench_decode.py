@@ -28,6 +28,7 @@ HEADS, KV_HEADS, HEAD_DIM = 16, 4, 128
 def run_one(context, batch, steps):
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindspore import Parameter, Tensor, nn, ops  # pylint: disable=import-outside-toplevel
+
     from nsa_layers import NativeSparseAttention, NSAConfig, NSADecoder  # pylint: disable=import-outside-toplevel
     from nsa_layers.attention_math import MASKED, attention_forward  # pylint: disable=import-outside-toplevel
 

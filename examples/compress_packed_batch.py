@@ -11,8 +11,8 @@ Run: ``make demo`` (or ``python examples/compress_packed_batch.py`` inside the p
 
 import argparse
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 
 from nsa_layers import packing
 from nsa_layers.ops import nsa_compress, nsa_compress_attention, on_ascend
@@ -36,7 +36,8 @@ def main():
     weight = ms.Tensor(np.full((block, heads), 1.0 / block, np.float32)).astype(ms.bfloat16)  # mean pooling
 
     print(f"device: {ms.get_context('device_target')} -> "
-          f"{'Ascend kernel' if on_ascend() else 'pure-MindSpore fallback'}; mode: {'graph' if args.graph else 'PyNative'}")
+          f"{'Ascend kernel' if on_ascend() else 'pure-MindSpore fallback'}; "
+          f"mode: {'graph' if args.graph else 'PyNative'}")
     print(f"packed keys: {keys.shape} {keys.dtype}, documents {args.docs}, actual_seq_len={prefix}")
 
     def compress(x, w):
@@ -48,8 +49,7 @@ def main():
     starts = packing.window_starts(prefix, block, stride)
     print(f"windows of {block} tokens every {stride}: per document {counts.tolist()} -> output {compressed.shape} "
           f"{compressed.dtype}")
-    for doc, (first, length, count) in enumerate(zip(packing.segment_starts(prefix), packing.segment_lengths(prefix),
-                                                     counts)):
+    for doc, (first, length) in enumerate(zip(packing.segment_starts(prefix), packing.segment_lengths(prefix))):
         mine = starts[(starts >= first) & (starts < first + length)]
         print(f"  document {doc}: rows [{first}, {first + length}) -> window starts {mine.tolist() or 'none'}")
 

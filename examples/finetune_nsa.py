@@ -42,9 +42,11 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="MindFormers YAML of the model")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per step; None: the YAML's runner_config.batch_size")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="rows per step; None: the YAML's runner_config.batch_size")
     parser.add_argument("--seq-length", type=int, default=None, help="tokens per row; None: the YAML's seq_length")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate; None: the YAML's lr_schedule.learning_rate")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate; None: the YAML's lr_schedule.learning_rate")
     parser.add_argument("--max-doc-bytes", type=int, default=400,
                         help="documents are the topics' paragraphs, merged up to this many bytes")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -139,6 +141,7 @@ def packed_splits(docs, seq_length, max_segments, pad_id):
 def batch(rows, index, batch_size):
     """Rows ``index*B .. index*B + B - 1`` (cycling) as model inputs (MindSpore tensors)."""
     import mindspore as ms
+
     from nsa_layers.data import batch_rows
 
     count = rows["input_ids"].shape[0]
@@ -154,7 +157,8 @@ def write_training_rows(rows, steps, batch_size, data_dir):
     count = rows["input_ids"].shape[0]
     take = [i % count for i in range(steps * batch_size)]
     os.makedirs(data_dir, exist_ok=True)
-    return write_mindrecord({key: value[take] for key, value in rows.items()}, os.path.join(data_dir, "train.mindrecord"))
+    return write_mindrecord({key: value[take] for key, value in rows.items()},
+                            os.path.join(data_dir, "train.mindrecord"))
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -198,6 +202,7 @@ def build(cfg, verbose=False):
     import io
 
     from mindformers.models.build_model import build_model
+
     import nsa_layers.mindformers  # noqa: F401  (registers NSAQwen3Config / NSAQwen3ForCausalLM)
 
     with contextlib.redirect_stdout(sys.stdout if verbose else io.StringIO()):
@@ -232,6 +237,7 @@ def train(net, cfg, steps, verbose):
     import io
 
     from mindformers import Trainer
+
     from nsa_layers.mindformers import NSAProgressBar
 
     cfg.checkpoint.save_interleaved_steps = steps
@@ -262,6 +268,7 @@ def selection_picture(net, rows, row_index, path, select_block_size):
     """
     import mindspore as ms
     from PIL import Image, ImageDraw
+
     from nsa_layers.data import batch_rows
     from nsa_layers.mindformers import LayerSelection
 
@@ -329,26 +336,38 @@ def continuation(net, prompt, new_tokens):
     return out[prompt.size:], (timing["steps"] - 1) / max(1e-9, timing["step_s"] - timing["first_step_s"])
 
 
-def quiet_mindformers_console():
-    """MindFormers logs every converted config key to the console; keep its console output to errors
-    (its log files under ``output/log`` still get everything)."""
+def import_mindformers(verbose):
+    """Import MindFormers and the NSA adapter. Unless ``verbose``, MindFormers' console log keeps to
+    errors from the start: its import warns about optional models it cannot import and its config
+    loader about empty sections, every converted key and so on (all still in its log files under
+    ``output/log``). Its logger binds its console handler to ``sys.stdout`` as it is when the first
+    message comes, during the import: the import runs with stdout muted, then the handler is given
+    the real stdout back, at the error level."""
+    import contextlib
+    import io
     import logging
+
+    if verbose:
+        import nsa_layers.mindformers  # noqa: F401
+        return
+    with contextlib.redirect_stdout(io.StringIO()) as muted:
+        import nsa_layers.mindformers  # noqa: F401
     from mindformers.tools.logger import get_logger
 
     for handler in get_logger().handlers:
-        if getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
+        if getattr(handler, "stream", None) in (muted, sys.stdout, sys.stderr):
+            handler.setStream(sys.stdout)
             handler.setLevel(logging.ERROR)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    import_mindformers(args.verbose)
     cfg = load_config(args)
-    from mindformers.core.context.build_context import build_context
     import mindspore as ms
+    from mindformers.core.context.build_context import build_context
 
     build_context(cfg)
-    if not args.verbose:
-        quiet_mindformers_console()
     ms.set_seed(args.seed)
     net = build(cfg, args.verbose)
     net.set_train(True)
@@ -408,8 +427,8 @@ def main(argv=None):
     print(f"  decode with the NSA cache: {speed:.1f} tokens/s (batch 1, after compilation)")
 
     documents_per_row = (eval_rows["actual_seq_len"] < seq_length).sum(1)
-    png = selection_picture(net, eval_rows, int(np.argmax(documents_per_row)), os.path.join(args.out_dir, "nsa_selection.png"),
-                            nsa.select_block_size)
+    png = selection_picture(net, eval_rows, int(np.argmax(documents_per_row)),
+                            os.path.join(args.out_dir, "nsa_selection.png"), nsa.select_block_size)
     print(f"selection picture: {os.path.abspath(png)}")
     ok = not not_loaded and abs(reloaded - after) <= 1e-6 * max(1.0, abs(after)) and np.isfinite(losses).all()
     return 0 if ok else 1

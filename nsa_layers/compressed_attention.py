@@ -2,14 +2,25 @@
 compressed windows of its own segment that have ended (window ``i`` is visible to in-segment
 position ``t`` iff ``i*d + l - 1 <= t``), and its probabilities choose the selected blocks."""
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore.ops import constexpr
 
-from .attention_math import (attention_backward, attention_forward, attention_probs, chunk_buckets, column_tiled,
-                             group_queries, index_range, masked_score, padded_rows, row_tiled, ungroup_outputs,
-                             visibility_bias)
+from .attention_math import (
+    attention_backward,
+    attention_forward,
+    attention_probs,
+    chunk_buckets,
+    column_tiled,
+    group_queries,
+    index_range,
+    masked_score,
+    padded_rows,
+    row_tiled,
+    ungroup_outputs,
+    visibility_bias,
+)
 from .selection import BlockSelector
 
 __all__ = ["CompressedAttention"]

@@ -45,7 +45,8 @@ def pack_documents(documents, seq_length, max_segments, pad_id):
     if seq_length < 1:
         raise ValueError(f"pack_documents: seq_length must be >= 1, but got {seq_length}.")
     if max_segments < 2:
-        raise ValueError(f"pack_documents: max_segments must be >= 2 (documents + the padding), but got {max_segments}.")
+        raise ValueError(f"pack_documents: max_segments must be >= 2 (documents + the padding), "
+                         f"but got {max_segments}.")
     rows, row, ends = [], [], []
 
     def close_row():

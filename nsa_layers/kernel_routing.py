@@ -21,15 +21,20 @@ the exact token overlap the layer uses. The sliding window has no NSA kernel and
 import dataclasses
 import functools
 
-import numpy as np
 import mindspore as ms
+import numpy as np
+from mindspore import ops
 from mindspore.ops import constexpr
 
-from mindspore import ops
-
 from . import packing
-from .ops import (check_nsa_compress, check_nsa_compress_attention, check_nsa_select_attention, nsa_compress_attention,
-                  nsa_select_attention, on_ascend)
+from .ops import (
+    check_nsa_compress,
+    check_nsa_compress_attention,
+    check_nsa_select_attention,
+    nsa_compress_attention,
+    nsa_select_attention,
+    on_ascend,
+)
 
 __all__ = ["KERNEL", "COMPOSITE", "BRANCHES", "KernelRoute", "plan_kernel_route", "compressed_attention_masks",
            "shifted_compressed_rows", "route_for", "kernel_route", "compressed_and_selection_kernel",

@@ -1,7 +1,7 @@
 """Rotary position embedding for the ``NSASelfAttention`` hook, with in-segment positions."""
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 __all__ = ["RotaryEmbedding"]
@@ -27,7 +27,8 @@ class RotaryEmbedding(nn.Cell):
         if head_dim % 2:
             raise ValueError(f"RotaryEmbedding: head_dim must be even, but got {head_dim}.")
         self.half = head_dim // 2
-        self.inv_freq = Tensor((1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32))
+        inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        self.inv_freq = Tensor(inv_freq.astype(np.float32))
 
     def construct(self, x, positions):
         angles = positions.astype(ms.float32).reshape(-1, 1) * self.inv_freq.reshape(1, -1)

@@ -6,8 +6,8 @@ outside the segment, never a duplicate; slots beyond the available blocks are ma
 import mindspore as ms
 from mindspore import nn, ops
 
-from .layout import window_rows_tensor
 from .attention_math import MASKED, column_tiled, row_tiled
+from .layout import window_rows_tensor
 
 __all__ = ["BlockSelector", "overlap_weights"]
 
@@ -96,7 +96,8 @@ class BlockSelector(nn.Cell):
         score = ops.where(candidate, importance, ops.full_like(importance, MASKED))
         score = ops.masked_fill(score, forced, FORCED)
         if num_blocks < self.count:
-            score = ops.cat((score, ops.full((kv_heads, rows, self.count - num_blocks), MASKED, dtype=score.dtype)), axis=2)
+            empty = ops.full((kv_heads, rows, self.count - num_blocks), MASKED, dtype=score.dtype)
+            score = ops.cat((score, empty), axis=2)
         # ops.sort is stable: equal scores keep ascending block order (ties to the lower index)
         order = ops.sort(score, axis=-1, descending=True)[1][..., :self.count].astype(ms.int32)
         valid = ops.gather_elements(score, 2, order) > MASKED / 2

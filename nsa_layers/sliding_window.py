@@ -1,13 +1,22 @@
 """Sliding-window branch: exactly ``window_size`` keys ending at the query (itself included),
 inside its segment."""
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore.ops import constexpr
 
-from .attention_math import (attention_backward, attention_forward, attention_probs, column_tiled, group_queries,
-                             masked_score, padded_rows, ungroup_outputs, visibility_bias)
+from .attention_math import (
+    attention_backward,
+    attention_forward,
+    attention_probs,
+    column_tiled,
+    group_queries,
+    masked_score,
+    padded_rows,
+    ungroup_outputs,
+    visibility_bias,
+)
 
 __all__ = ["SlidingWindowAttention", "window_chunk_size", "window_reach"]
 

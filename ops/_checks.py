@@ -6,8 +6,8 @@ ops can run them inside a ``constexpr``: plain Python, also while ``mindspore.ji
 
 import numbers
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor
 
 HALF_DTYPES = (ms.float16, ms.bfloat16)

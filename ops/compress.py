@@ -24,13 +24,12 @@ window reads get exactly 0.
 import functools
 from math import gcd
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, mint, nn, ops
 from mindspore.ops import constexpr
 
-from . import _varlen
-from . import _checks
+from . import _checks, _varlen
 from ._device import on_ascend
 
 __all__ = ["nsa_compress", "check_nsa_compress", "compress_windows"]

@@ -7,13 +7,12 @@ batch at a time (the batches come from host-side prefix sums, so the loop is sta
 
 import functools
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, mint, ops
 from mindspore.ops import constexpr
 
-from . import _varlen
-from . import _checks
+from . import _checks, _varlen
 from ._device import on_ascend
 
 __all__ = ["nsa_compress_attention", "check_nsa_compress_attention", "kernel_importance_weights"]

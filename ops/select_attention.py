@@ -7,13 +7,12 @@ gathers every token's selected rows, in chunks of tokens to bound memory.
 
 import functools
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, mint, ops
 from mindspore.ops import constexpr
 
-from . import _varlen
-from . import _checks
+from . import _checks, _varlen
 from ._device import on_ascend
 
 __all__ = ["nsa_select_attention", "check_nsa_select_attention"]

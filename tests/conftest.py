@@ -7,8 +7,8 @@ overrides the number of random examples per hypothesis test in either tier.
 
 import os
 
-import pytest
 import mindspore as ms
+import pytest
 from hypothesis import HealthCheck, settings
 
 ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")

@@ -9,8 +9,8 @@ import sys
 import time
 
 import numpy as np
-from mindspore.train.callback import Callback
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+from mindspore.train.callback import Callback
 
 from ..data import check_packed_batch
 

@@ -2,8 +2,8 @@
 
 import dataclasses
 
-from mindformers.models.qwen3.configuration_qwen3 import Qwen3Config
 from mindformers.models.qwen3.config_converter_qwen3 import Qwen3ConfigConverter
+from mindformers.models.qwen3.configuration_qwen3 import Qwen3Config
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from ..config import NSAConfig

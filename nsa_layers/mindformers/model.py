@@ -1,18 +1,18 @@
 """``NSAQwen3ForCausalLM``: MindFormers' Qwen3 training model with NSA attention, chosen by ``architectures``."""
 
-from mindspore import Tensor
-from mindspore.context import ParallelMode
-from mindspore.parallel._utils import _get_parallel_mode
 from mindformers.checkpoint.converter.template import WeightTemplate
 from mindformers.models.qwen3.modeling_qwen3_train import TrainingQwen3ForCausalLM
 from mindformers.parallel_core.training_graph.base_models.gpt.gpt_model import GPTModel
 from mindformers.parallel_core.training_graph.transformer.norm import get_norm_cls
 from mindformers.parallel_core.training_graph.transformer.transformer_block import TransformerBlockSubmodules
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+from mindspore import Tensor
+from mindspore.context import ParallelMode
+from mindspore.parallel._utils import _get_parallel_mode
 
 from ..input_checks import checked_prefix_sums
-from .configuration import NSAQwen3Config
 from . import cpu
+from .configuration import NSAQwen3Config
 from .generation import CachedGeneration
 from .spec import get_nsa_layer_spec
 

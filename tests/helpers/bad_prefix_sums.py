@@ -2,9 +2,9 @@
 (shared by the layer tests and by the MindFormers tests, which run it after MindFormers has set its
 strict graph syntax for the whole process)."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 
 from nsa_layers import NativeSparseAttention, NSAConfig
 from nsa_layers.input_checks import checked_prefix_sums

@@ -1,7 +1,7 @@
 """Helpers shared by the tests: execution modes, random data, dtype conversions, tolerances."""
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 
 
 def run(mode, fn, *args):

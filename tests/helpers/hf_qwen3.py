@@ -4,8 +4,8 @@ no torch), and MindFormers' stock Qwen3 training model with a dense causal core 
 import json
 import os
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 
 # Qwen3's config.json keys, at the sizes of helpers.mindformers.SMALL (vocab: the tiny YAML's bytes + pad)
@@ -122,6 +122,7 @@ def stock_qwen3(config):
     from mindformers.parallel_core.training_graph.base_models.gpt.gpt_model import GPTModel
     from mindformers.parallel_core.training_graph.transformer.norm import get_norm_cls
     from mindformers.parallel_core.training_graph.transformer.transformer_block import TransformerBlockSubmodules
+
     from nsa_layers.mindformers import apply_cpu_swaps
 
     class CPUQwen3ForCausalLM(TrainingQwen3ForCausalLM):

@@ -4,8 +4,8 @@ import contextlib
 import io
 from pathlib import Path
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_YAML = ROOT / "configs" / "nsa_qwen3_tiny_cpu.yaml"
@@ -31,6 +31,7 @@ def tiny_config(**overrides):
 def build(cfg):
     """Build the model through the registry (MindFormers' conversion table print is dropped)."""
     from mindformers.models.build_model import build_model
+
     import nsa_layers.mindformers  # noqa: F401
 
     with contextlib.redirect_stdout(io.StringIO()):

@@ -78,7 +78,7 @@ def nsa_forward(q, kv, gates, prefix, cfg, weights, scale, selected_override=Non
     """
     q = np.asarray(q, np.float64)
     total, heads, _ = q.shape
-    l, d, sel = cfg["compress_block_size"], cfg["compress_stride"], cfg["select_block_size"]
+    block, d, sel = cfg["compress_block_size"], cfg["compress_stride"], cfg["select_block_size"]
     kv_heads = kv["cmp"][0].shape[1]
     group = heads // kv_heads
     dv = kv["cmp"][1].shape[2]
@@ -86,14 +86,15 @@ def nsa_forward(q, kv, gates, prefix, cfg, weights, scale, selected_override=Non
     selected, importance_all = {}, {}
     for start, end in _segments(prefix):
         length = end - start
-        k_cmp = compress_segment(np.asarray(kv["cmp"][0][start:end], np.float64), weights["w_k"], weights["pe_k"], l, d)
-        v_cmp = compress_segment(np.asarray(kv["cmp"][1][start:end], np.float64), weights["w_v"], weights["pe_v"], l, d)
+        k_seg, v_seg = (np.asarray(a[start:end], np.float64) for a in kv["cmp"])
+        k_cmp = compress_segment(k_seg, weights["w_k"], weights["pe_k"], block, d)
+        v_cmp = compress_segment(v_seg, weights["w_v"], weights["pe_v"], block, d)
         k_slc, v_slc = (np.asarray(a[start:end], np.float64) for a in kv["slc"])
         k_win, v_win = (np.asarray(a[start:end], np.float64) for a in kv["win"])
         n_blocks = -(-length // sel)
         for t in range(length):
             row = start + t
-            visible = [i for i in range(len(k_cmp)) if i * d + l - 1 <= t]
+            visible = [i for i in range(len(k_cmp)) if i * d + block - 1 <= t]
             importance = np.zeros((kv_heads, n_blocks))
             for n in range(heads):
                 h = n // group
@@ -102,7 +103,7 @@ def nsa_forward(q, kv, gates, prefix, cfg, weights, scale, selected_override=Non
                     outs["cmp"][row, n] = p @ v_cmp[visible, h]
                     for i, pi in zip(visible, p):
                         for b in range(n_blocks):
-                            importance[h, b] += overlap_weight(i, b, l, d, sel) * pi
+                            importance[h, b] += overlap_weight(i, b, block, d, sel) * pi
             for h in range(kv_heads):
                 importance_all[(row, h)] = importance[h]
                 chosen = selected_override[(row, h)] if selected_override else select_blocks(importance[h], t, cfg)

@@ -27,6 +27,7 @@ def main():
     init()
     from mindformers.core.context.build_context import build_context
     from mindformers.tools.register import MindFormerConfig
+
     from helpers.mindformers import build, tiny_config
 
     build_context(tiny_config())
@@ -42,8 +43,8 @@ def main():
     report = {
         "cp_rank": shard.cp_rank,
         "checks_prefix_sums": net.checks_prefix_sums,
-        "core_in": [[l["device_matrix"], l["tensor_map"]] for l in shard.morph.attrs["in_layout"]],
-        "core_out": [[l["device_matrix"], l["tensor_map"]] for l in shard.morph.attrs["out_layout"]],
+        "core_in": [[lay["device_matrix"], lay["tensor_map"]] for lay in shard.morph.attrs["in_layout"]],
+        "core_out": [[lay["device_matrix"], lay["tensor_map"]] for lay in shard.morph.attrs["out_layout"]],
         "rank_heads": [shard.rank_core.config.num_heads, shard.rank_core.config.num_kv_heads],
         "gate_matmul": _strategy(attention.gate.proj.matmul),
         "gate_bias_add": _strategy(attention.gate.proj.bias_add),

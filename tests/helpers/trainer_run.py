@@ -28,6 +28,7 @@ def rows_for(kind, steps):
     """``2 * steps`` rows: the same two rows every step (``repeated``), or steps 1..4 repeating one
     batch and the later steps each a new batch (``varied``)."""
     import numpy as np
+
     from helpers.mindformers import packed_rows
 
     rows = packed_rows(np.random.default_rng(11), 64, VARIED)
@@ -53,6 +54,7 @@ def main():
 
     from mindformers import Trainer
     from mindformers.core.context.build_context import build_context
+
     from helpers.mindformers import build, tiny_config
     from nsa_layers.data import write_mindrecord
     from nsa_layers.mindformers import NSAProgressBar

@@ -91,7 +91,7 @@ def test_partial_full_mask_run_attends_only_the_first_query_chunks(tmp_path):
                              "--query-chunks", "1"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = [l for l in result.stdout.splitlines() if l.startswith("{")][-1]
+    line = [text for text in result.stdout.splitlines() if text.startswith("{")][-1]
     assert '"impl": "dense"' in line and '"T": 2048' in line
 
 

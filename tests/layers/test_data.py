@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nsa_layers import packing
 from nsa_layers.data import batch_prefix_sums, batch_rows, byte_tokens, pack_documents
@@ -155,6 +156,7 @@ def test_write_mindrecord_round_trip(tmp_path):
     """The MindRecord file holds the rows exactly (MindSpore's MindDataset reads them back); bad rows
     are refused before anything is written."""
     import mindspore.dataset as ds
+
     from nsa_layers.data import COLUMNS, write_mindrecord
 
     rng = np.random.default_rng(4)

@@ -2,16 +2,15 @@
 NSA core's gradients (queries, per-branch keys and values, gates) against directional derivatives of
 the float64 reference, for both formulations of the selected branch and both execution modes."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor
 
-from nsa_layers.attention_math import MaskedAttention, attention_forward, visibility_bias
-
+from helpers import nsa_reference as nref
 from helpers.common import random_normal
 from helpers.nsa_cases import BRANCHES, Case, small_config
-from helpers import nsa_reference as nref
+from nsa_layers.attention_math import MaskedAttention, attention_forward, visibility_bias
 
 
 @pytest.mark.parametrize("shared_bias,dim_v", [(True, 6), (False, 6), (False, 20)])

@@ -1,14 +1,13 @@
 """The layers reject bad input tensors before any work, in both modes, with the MindSpore exception
 type and a message that names the cell, the argument, the value and the rule."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
-
-from nsa_layers import NativeSparseAttention, NSAConfig, NSASelfAttention
 
 from helpers.bad_prefix_sums import BAD, assert_check_refuses, assert_core_refuses, core_inputs
 from helpers.common import run
+from nsa_layers import NativeSparseAttention, NSAConfig, NSASelfAttention
 
 CFG = NSAConfig(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=8, window_size=32,
                 compress_block_size=8, compress_stride=4, select_block_size=16, select_block_count=4)

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 import nsa_layers.compressor as compressor_module
+from helpers.nsa_cases import BRANCHES, Case, as_numpy, assert_selection_equivalent
 from nsa_layers import NSAConfig, kernel_routing
 from nsa_layers.kernel_routing import COMPOSITE, KERNEL, plan_kernel_route
 from nsa_layers.ops.compress_attention import kernel_importance_weights
 from nsa_layers.selection import overlap_weights
-
-from helpers.nsa_cases import BRANCHES, Case, as_numpy, assert_selection_equivalent
 
 PAPER = dict(hidden_size=64, num_heads=2, num_kv_heads=1, head_dim=16, v_head_dim=16, window_size=64,
              query_chunk_size=512)

@@ -1,17 +1,17 @@
 """nsa_layers.packing (host) and nsa_layers.layout (graph): bookkeeping against explicit loops;
 normalisation; the tensor versions against the host ones."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
-from hypothesis import given, strategies as st
-
-from nsa_layers import NSAConfig, layout, packing
-from nsa_layers.ops import _varlen
+from hypothesis import given
+from hypothesis import strategies as st
 
 from helpers import reference as ref
 from helpers.common import run
 from helpers.strategies import prefix_sums, segment_lengths
+from nsa_layers import NSAConfig, layout, packing
+from nsa_layers.ops import _varlen
 
 
 @given(segment_lengths(max_segments=6, max_len=90), st.sampled_from([(16, 16), (32, 16), (48, 16), (64, 32)]))

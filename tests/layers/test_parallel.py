@@ -7,23 +7,27 @@ import dataclasses
 import json
 from pathlib import Path
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor, context, nn
 from mindspore.context import ParallelMode
-
-from nsa_layers import NativeSparseAttention
-from nsa_layers.parallel import NSACoreShard, check_tensor_parallel, core_layouts
 
 from helpers.common import random_normal
 from helpers.msrun import run_two_ranks
 from helpers.nsa_cases import small_config
 from helpers.sharding import assemble, local_shard, rank_coordinates, summed
+from nsa_layers import NativeSparseAttention
+from nsa_layers.parallel import NSACoreShard, check_tensor_parallel, core_layouts
 
 INPUTS_SHARED = ("q", "k", "v", "gates", "actual_seq_len", "k_weight", "v_weight", "v_position_embedding")
 INPUTS_INDEPENDENT = ("q", "k_cmp", "k_slc", "k_win", "v_cmp", "v_slc", "v_win", "gates", "actual_seq_len",
                       "k_weight", "v_weight", "v_position_embedding")
+
+
+def _probed(body, probe):
+    """``sum(body(*inputs) * probe)`` as a function of the inputs."""
+    return lambda *inputs: (body(*inputs) * probe).sum()
 
 
 def _layout_of(layouts, name):
@@ -109,7 +113,7 @@ class Batch:
             if with_grads:
                 probe = Tensor(np.ascontiguousarray(local_shard(self.probe, layouts.out, rank)))
                 positions = tuple(i for i, name in enumerate(self.names) if name != "actual_seq_len")
-                values = ms.grad(lambda *x: (body(*x) * probe).sum(), grad_position=positions)(*local)
+                values = ms.grad(_probed(body, probe), grad_position=positions)(*local)
                 grads = {self.names[i]: g.asnumpy() for i, g in zip(positions, values)}
             results.append((out, grads))
         return layouts, results
@@ -252,7 +256,8 @@ def test_morph_in_graph_mode_equals_the_core():
         for cell in (Plain(), Sharded()):
             inputs, weights = ms.grad(cell, grad_position=(0, 1, 2, 3), weights=net.trainable_params())(
                 a["q"], a["k"], a["v"], a["gates"])
-            results.append([cell(a["q"], a["k"], a["v"], a["gates"]).asnumpy()] + [x.asnumpy() for x in inputs + weights])
+            out = cell(a["q"], a["k"], a["v"], a["gates"])
+            results.append([out.asnumpy()] + [x.asnumpy() for x in inputs + weights])
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
     assert len(results[0]) == 8

@@ -2,11 +2,12 @@
 sequence. Cut into pieces at any rows, the pieces' outputs are the reference's rows, and their
 gradients add up to the unsplit core's (keys, values and parameters are shared by the pieces)."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
+from hypothesis import given
+from hypothesis import strategies as st
 from mindspore import Tensor
-from hypothesis import given, strategies as st
 
 from helpers.nsa_cases import BRANCHES, Case, as_numpy, check_against_reference, small_config
 

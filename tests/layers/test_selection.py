@@ -1,15 +1,14 @@
 """Block selection rules, each pinned by a small hand-computed case; config validation."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor
 
+from helpers.nsa_cases import small_config
 from nsa_layers import BlockSelector, NSAConfig
 from nsa_layers.ops.compress_attention import kernel_importance_weights
 from nsa_layers.selection import overlap_weights
-
-from helpers.nsa_cases import small_config
 
 
 def _paper(**changes):

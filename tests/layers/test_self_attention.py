@@ -1,16 +1,14 @@
 """NSASelfAttention: hidden states in and out, prefix sums as MindFormers gives them, both modes."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Tensor
-
-from nsa_layers import NSASelfAttention, RotaryEmbedding
-from nsa_layers import packing
 
 from helpers import nsa_reference as nref
 from helpers.common import random_normal, run
 from helpers.nsa_cases import small_config
+from nsa_layers import NSASelfAttention, RotaryEmbedding, packing
 
 
 def _layer(seed=0, **changes):

@@ -2,8 +2,8 @@
 (its ``build_context`` is a process-wide singleton), and each module here switches to graph mode and
 puts the suite's PyNative default back afterwards."""
 
-import pytest
 import mindspore as ms
+import pytest
 
 from helpers.mindformers import tiny_config
 

@@ -24,12 +24,15 @@ def test_yaml_resolves_to_nsa_classes_in_the_self_attention_slot():
         assert type(attention.core_attention) is NSACoreAttention and type(attention.gate) is NSAGate
         assert attention.core_attention.config == expected
     assert expected.compress_block_size == 8 and expected.window_size == 16 and expected.num_kv_heads == 2
-    assert net.cpu_swaps == ("GenerationMixin.argmax", "RotaryEmbedding.outer", "VocabParallelEmbedding.embedding_morph")
+    assert net.cpu_swaps == ("GenerationMixin.argmax", "RotaryEmbedding.outer",
+                             "VocabParallelEmbedding.embedding_morph")
 
 
 def test_no_swap_off_cpu(monkeypatch):
     from mindformers.parallel_core.training_graph.base_models.common.embeddings.rotary_pos_embedding import (
-        RotaryEmbedding)
+        RotaryEmbedding,
+    )
+
     import nsa_layers.mindformers.cpu as cpu
 
     def swapped(net):
@@ -45,6 +48,7 @@ def test_no_swap_off_cpu(monkeypatch):
 
 def test_layer_spec_keeps_stock_submodules_and_adds_the_gate():
     from mindformers.parallel_core.training_graph.base_models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
     from nsa_layers import NSAGate
     from nsa_layers.mindformers import GPTNSASelfAttentionContiguous, NSACoreAttention, get_nsa_layer_spec
 
@@ -78,6 +82,7 @@ def test_config_rejects_bad_nsa_keys_by_name(key, value, match):
 def test_qwen3_parameter_names_and_shapes_are_kept():
     from mindformers.models.qwen3.configuration_qwen3 import Qwen3Config
     from mindformers.models.qwen3.modeling_qwen3_train import TrainingQwen3ForCausalLM
+
     from nsa_layers.mindformers import NSA_CONFIG_KEYS
 
     cfg = tiny_config(tie_word_embeddings=False)  # so that lm_head -> output_layer.weight exists
@@ -101,6 +106,7 @@ def test_qwen3_parameter_names_and_shapes_are_kept():
 def test_every_yaml_under_configs_is_valid(monkeypatch, tmp_path):
     from mindformers.models.build_config import get_model_config
     from mindformers.tools.register import MindFormerConfig
+
     from nsa_layers.mindformers import NSAQwen3Config
 
     found = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
@@ -120,7 +126,8 @@ def test_every_yaml_under_configs_is_valid(monkeypatch, tmp_path):
     tc = config.convert_to_transformer_config()
     assert tc.input_layout == "TND" and tc.use_eod_reset and tc.seq_length == 32768 and tc.num_layers == 28
     columns = list(large.train_dataset.input_columns)
-    assert {"actual_seq_len", "position_ids"} <= set(columns) and columns == list(large.train_dataset.construct_args_key)
+    assert {"actual_seq_len", "position_ids"} <= set(columns)
+    assert columns == list(large.train_dataset.construct_args_key)
     assert large.train_dataset.data_loader.create_compressed_eod_mask
     assert len(large.parallel.dataset_strategy) == len(columns)
     assert os.path.isfile(ROOT / "configs" / "register" / "nsa_register.py")
@@ -130,10 +137,11 @@ def test_parallel_yaml_converts_and_lays_out_the_core_over_its_devices(monkeypat
     """The 8B / 64k YAML: dp 2 x cp 4 x tp 2 on 16 devices, K/V all-gather context parallel; the core it
     configures, built under a semi-auto context, declares its layouts over that device matrix and
     runs 16 query heads and 4 KV heads per rank."""
-    from mindspore import context
-    from mindspore.context import ParallelMode
     from mindformers.models.build_config import get_model_config
     from mindformers.tools.register import MindFormerConfig
+    from mindspore import context
+    from mindspore.context import ParallelMode
+
     from nsa_layers.parallel import NSACoreShard
 
     monkeypatch.setenv("REGISTER_PATH", str(ROOT / "configs" / "register"))

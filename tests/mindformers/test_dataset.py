@@ -14,6 +14,7 @@ DOCS = [[30, 34], [20, 44], [64], [10, 54], [5, 59], [64]]
 
 def _dataset(data_dir, **loader_changes):
     from mindformers.dataset import CausalLanguageModelDataset
+
     import nsa_layers.mindformers  # noqa: F401  (registers PackedMindRecordLoader)
 
     yaml = tiny_config()

@@ -3,13 +3,14 @@ loads into ``NSAQwen3ForCausalLM`` through MindFormers' own loader (``load_hf_ch
 Trainer calls for ``checkpoint.load_path``), sizes from its ``config.json``; with NSA reduced to dense
 causal attention the model's logits are those of MindFormers' stock Qwen3 on the same weights."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 
 from helpers.hf_qwen3 import stock_qwen3, unused_tensors, write_hf_qwen3
 from helpers.mindformers import LARGE_YAML, build, tiny_config
 from nsa_layers.mindformers import use_checkpoint_config
+
 NSA_OWN = ("self_attention.gate.", "self_attention.core_attention.", "self_attention.linear_kv_branches.")
 
 

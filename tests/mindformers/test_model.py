@@ -8,9 +8,9 @@ training step is in the fast tier: ``tests/layers/test_self_attention.py``).
 
 import os
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import nn
 
 from helpers.bad_prefix_sums import BAD, assert_check_refuses, assert_core_refuses
@@ -29,7 +29,8 @@ def _logits(net, inputs):
 def test_packed_prefix_sums_reach_the_core_segment_isolation_and_causality(independent_kv):
     """Row 0 = [A | B], row 1 = [B | A], row 2 = row 0 with B's tail changed. With the prefix sums
     reaching NSA (and positions restarting), A's logits are the same wherever A sits, and changing
-    later tokens changes nothing before them (up to float32 rounding of the CPU kernels); without them (negative control) A in row 1 sees B."""
+    later tokens changes nothing before them (up to float32 rounding of the CPU kernels); without them
+    (negative control) A in row 1 sees B."""
     net = build(tiny_config(nsa_independent_kv=independent_kv))
     assert hasattr(net.model.decoder.layers[0].self_attention, "linear_kv_branches") == independent_kv
     rng = np.random.default_rng(1)

@@ -1,16 +1,16 @@
 """nsa_compress: values, shapes, dtypes and gradients of the CPU fallback against float64 NumPy."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
-from hypothesis import given, strategies as st
-
-from nsa_layers.ops import nsa_compress
-from nsa_layers.ops.compress import compress_windows
+from hypothesis import given
+from hypothesis import strategies as st
 
 from helpers import reference as ref
 from helpers.common import assert_rounded_close, grads, random_normal, run, to_ms, to_np
 from helpers.strategies import prefix_sums, segment_lengths
+from nsa_layers.ops import nsa_compress
+from nsa_layers.ops.compress import compress_windows
 
 
 def _compress(block, stride, prefix):

@@ -1,16 +1,16 @@
 """nsa_compress_attention: values, top-k, softmax statistics, gradients and errors of the CPU fallback."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
-from hypothesis import given, strategies as st
-
-from nsa_layers.ops import nsa_compress_attention
-from nsa_layers.ops.compress_attention import kernel_importance_weights
+from hypothesis import given
+from hypothesis import strategies as st
 
 from helpers import reference as ref
 from helpers.common import UNIT_ROUNDOFF, grads, random_normal, run, to_ms, to_np
 from helpers.strategies import prefix_sums
+from nsa_layers.ops import nsa_compress_attention
+from nsa_layers.ops.compress_attention import kernel_importance_weights
 
 FLT_MAX = ref.FLT_MAX
 
@@ -221,12 +221,14 @@ def test_gradients_match_float64_finite_differences(mode, dtype):
         direction = random_normal(rng, g.shape)
         fd = ref.directional_derivative(loss64, (q, k, v), i, direction)
         analytic = float((to_np(g) * direction).sum())
-        assert abs(analytic - fd) <= 30 * UNIT_ROUNDOFF[dtype] * np.abs(to_np(g) * direction).sum() + 1e-4, (i, analytic, fd)
+        bound = 30 * UNIT_ROUNDOFF[dtype] * np.abs(to_np(g) * direction).sum() + 1e-4
+        assert abs(analytic - fd) <= bound, (i, analytic, fd)
 
 
 def _valid():
     rng = np.random.default_rng(12)
-    return dict(query=to_ms(random_normal(rng, (8, 4, 32)), "float16"), key=to_ms(random_normal(rng, (12, 2, 32)), "float16"),
+    return dict(query=to_ms(random_normal(rng, (8, 4, 32)), "float16"),
+                key=to_ms(random_normal(rng, (12, 2, 32)), "float16"),
                 value=to_ms(random_normal(rng, (12, 2, 16)), "float16"), scale_value=0.2, head_num=4,
                 compress_block_size=32, compress_stride=16, select_block_size=64, select_block_count=2,
                 topk_mask=None, atten_mask=None, actual_seq_qlen=(3, 8), actual_cmp_seq_kvlen=(5, 12),

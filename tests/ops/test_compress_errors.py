@@ -1,8 +1,8 @@
 """nsa_compress: every error condition of the documentation, one case each, raised before any work."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 
 import nsa_layers.ops.compress as compress_module
 from nsa_layers.ops import nsa_compress
@@ -40,7 +40,8 @@ CASES = [
      ["'compress_block_size'", "multiple of 16", "40"]),
     ("block_out_of_range", dict(compress_block_size=144, weight=_x((144, 2))), RuntimeError,
      ["'compress_block_size'", "[16, 128]", "144"]),
-    ("stride_not_multiple_of_16", dict(compress_stride=24), RuntimeError, ["'compress_stride'", "multiple of 16", "24"]),
+    ("stride_not_multiple_of_16", dict(compress_stride=24), RuntimeError,
+     ["'compress_stride'", "multiple of 16", "24"]),
     ("stride_above_block", dict(compress_stride=48), RuntimeError,
      ["'compress_stride'", "[16, compress_block_size=32]", "48"]),
     ("stride_below_16", dict(compress_stride=0), RuntimeError, ["'compress_stride'", "[16,", "got 0"]),

@@ -5,16 +5,15 @@ real signatures are taken from their docstrings and cross-checked against the pr
 import inspect
 import re
 
-import numpy as np
-import pytest
 import mindspore as ms
 import mindspore.ops
+import numpy as np
+import pytest
 from mindspore.ops import auto_generate
 
 import nsa_layers.ops._device as device
-from nsa_layers.ops import nsa_compress, nsa_compress_attention, nsa_select_attention
-
 from helpers.common import random_normal, to_ms
+from nsa_layers.ops import nsa_compress, nsa_compress_attention, nsa_select_attention
 
 PRIMITIVES = {"nsa_compress": "NsaCompress", "nsa_compress_attention": "NsaCompressAttention",
               "nsa_select_attention": "NsaSelectAttention"}
@@ -22,7 +21,7 @@ PRIMITIVES = {"nsa_compress": "NsaCompress", "nsa_compress_attention": "NsaCompr
 
 def documented_signature(name):
     """The signature on the first line of ``mindspore.ops.<name>.__doc__``, as an inspect.Signature."""
-    line = next(l.strip() for l in getattr(mindspore.ops, name).__doc__.splitlines() if l.strip())
+    line = next(text.strip() for text in getattr(mindspore.ops, name).__doc__.splitlines() if text.strip())
     match = re.fullmatch(rf"{name}\((.*)\)(\s*->.*)?", line)
     assert match, line
     scope = {}

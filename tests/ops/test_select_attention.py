@@ -1,15 +1,15 @@
 """nsa_select_attention: values, softmax statistics, masking, gradients and errors of the CPU fallback."""
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
-from hypothesis import given, strategies as st
-
-from nsa_layers.ops import nsa_select_attention
+from hypothesis import given
+from hypothesis import strategies as st
 
 from helpers import reference as ref
 from helpers.common import UNIT_ROUNDOFF, grads, random_normal, run, to_ms, to_np
 from helpers.strategies import prefix_sums
+from nsa_layers.ops import nsa_select_attention
 
 BLOCK, COUNT = 64, 16  # the only supported values
 
@@ -175,7 +175,8 @@ def test_gradients_match_float64_finite_differences(mode, dtype):
         direction = random_normal(rng, g.shape)
         fd = ref.directional_derivative(loss64, (q, k, v), i, direction)
         analytic = float((to_np(g) * direction).sum())
-        assert abs(analytic - fd) <= 30 * UNIT_ROUNDOFF[dtype] * np.abs(to_np(g) * direction).sum() + 1e-4, (i, analytic, fd)
+        bound = 30 * UNIT_ROUNDOFF[dtype] * np.abs(to_np(g) * direction).sum() + 1e-4
+        assert abs(analytic - fd) <= bound, (i, analytic, fd)
     # rows no token selected get exactly zero key/value gradient
     unread = slice(64, 70)
     assert not to_np(got[1])[unread].any() and not to_np(got[2])[unread].any()
