@@ -21,7 +21,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from .attention_math import attention_forward, column_tiled, masked_score, row_tiled, visibility_bias
-from .layout import prefix_sums, token_layout, windows_ended
+from .layout import known_prefix_sums, token_layout, windows_ended
 from .selected_attention import selected_key_limit
 from .sliding_window import window_reach
 
@@ -58,7 +58,7 @@ class NSAPrefill(nn.Cell):
     Inputs:
         q, k, v, gates: as :meth:`NativeSparseAttention.forward_with_details` (``T`` tokens).
         actual_seq_len (Tensor): ``(N,)`` int32 prefix sums, one end per sequence (the last is ``T``;
-            a repeated value is an empty sequence).
+            a repeated value is an empty sequence), checked on the host by ``NSADecoder``.
         slots (Tensor): ``(N,)`` int32 distinct cache slot of each sequence.
 
     Outputs:
@@ -73,7 +73,7 @@ class NSAPrefill(nn.Cell):
 
     def construct(self, q, k, v, gates, actual_seq_len, slots):
         total = q.shape[0]
-        sums = prefix_sums("NSAPrefill", actual_seq_len, total)
+        sums = known_prefix_sums(actual_seq_len)
         details = self.core.forward_with_details(q, k, v, gates, sums)
         cache, cfg = self.cache, self.core.config
         kv = self.core.branch_kv(k, v)
