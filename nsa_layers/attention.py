@@ -27,6 +27,7 @@ from .compressor import KVCompressor
 from .gate import GatedSum
 from .input_checks import check_float_input, check_kv_inputs, check_query_offset, key_rows
 from .layout import packed_layout, prefix_sums, query_layout
+from .precision import precision_of
 from .selected_attention import SelectedAttention
 from .sliding_window import SlidingWindowAttention
 
@@ -39,7 +40,8 @@ class NSADetails(TypedDict):
 
     Fields:
         out: ``(T, H, Dv)`` the gated output, in the dtype of ``q``.
-        o_cmp, o_slc, o_win: ``(T, H, Dv)`` the branch outputs, in the compute dtype.
+        o_cmp, o_slc, o_win: ``(T, H, Dv)`` the branch outputs, compute-dtype values (in
+            ``precision.storage``: float32 for bfloat16 on CPU).
         blocks: ``(T, Hkv, n)`` int32 selected in-segment block ids, best first.
         valid: ``(T, Hkv, n)`` bool, False for slots left empty (the query has fewer than ``n`` blocks).
     """
@@ -56,7 +58,8 @@ class NativeSparseAttention(nn.Cell):
     """The NSA core: compressors, the three branches and the gated sum, on packed batches.
 
     Args:
-        config (NSAConfig): sizes; ``compute_dtype`` is used for all arithmetic.
+        config (NSAConfig): sizes; ``compute_dtype`` and ``softmax_dtype`` set the precision
+            (``nsa_layers.precision``: values in the compute dtype, statistics in float32).
         own_parameters (bool): False builds the compressors without parameters: every forward then
             passes them (``compressors``), as one rank of a sharded core does (``nsa_layers.parallel``).
 
@@ -79,6 +82,9 @@ class NativeSparseAttention(nn.Cell):
     Outputs:
         Tensor ``(Tq, H, Dv)`` in the dtype of ``q`` (empty for ``Tq = 0``).
 
+    Attributes: ``precision`` (:class:`~nsa_layers.precision.Precision`), decided once from the
+    config and the device: ``precision.swaps`` says whether the CPU's bfloat16 swap applies.
+
     Parameters: ``k_compressor`` and ``v_compressor`` (``KVCompressor``: per-head weights
     ``(l, Hkv)``, initialised as mean pooling; the value compressor also has the optional
     intra-block position embedding, see ``NSAConfig.use_position_embedding``).
@@ -87,15 +93,17 @@ class NativeSparseAttention(nn.Cell):
     def __init__(self, config, own_parameters=True):
         super().__init__()
         self.config = config
+        self.precision = precision_of(config)
         # keys get no intra-block position embedding: it would be inert (see NSAConfig.use_position_embedding)
         self.k_compressor = KVCompressor(config.compress_block_size, config.num_kv_heads, config.head_dim,
-                                         use_position_embedding=False, own_parameters=own_parameters)
+                                         use_position_embedding=False, own_parameters=own_parameters,
+                                         precision=self.precision)
         self.v_compressor = KVCompressor(config.compress_block_size, config.num_kv_heads, config.v_head_dim,
-                                         config.use_position_embedding, own_parameters)
+                                         config.use_position_embedding, own_parameters, self.precision)
         self.compressed_attention = CompressedAttention(config)
         self.selected_attention = SelectedAttention(config)
         self.sliding_window = SlidingWindowAttention(config)
-        self.gated_sum = GatedSum()
+        self.gated_sum = GatedSum(self.precision)
 
     def branch_paths(self, total, actual_seq_len=None):
         """Which implementation each branch takes for ``total`` tokens laid out by ``actual_seq_len``
@@ -129,7 +137,7 @@ class NativeSparseAttention(nn.Cell):
         sums = prefix_sums("NativeSparseAttention", actual_seq_len, total)
         if q.shape[0] == 0:  # MindSpore's reductions reject empty inputs
             return self._no_tokens(q)
-        dtype = cfg.ms_compute_dtype
+        hold = self.precision.hold
         kv = self.branch_kv(k, v)
         if compressors is None:
             compressors = self.compressor_weights()
@@ -137,10 +145,10 @@ class NativeSparseAttention(nn.Cell):
         queries = query_layout(layout, query_offset or 0, q.shape[0], cfg.query_chunk_size)
         route = kernel_routing.kernel_route(cfg, total, sums["host"])
         if route.any_kernel and q.shape[0] == total:
-            branches = self._branches_on_kernels(q.astype(dtype), kv, layout, queries, route, compressors)
+            branches = self._branches_on_kernels(hold(q), kv, layout, queries, route, compressors)
         else:
-            branches = self._branches(q.astype(dtype), kv, layout, queries, compressors)
-        out = self.gated_sum(gates.astype(dtype), branches["o_cmp"], branches["o_slc"], branches["o_win"])
+            branches = self._branches(hold(q), kv, layout, queries, compressors)
+        out = self.gated_sum(hold(gates), branches["o_cmp"], branches["o_slc"], branches["o_win"])
         return {"out": out.astype(q.dtype), "o_cmp": branches["o_cmp"], "o_slc": branches["o_slc"],
                 "o_win": branches["o_win"], "blocks": branches["blocks"], "valid": branches["valid"]}
 
@@ -224,16 +232,15 @@ class NativeSparseAttention(nn.Cell):
 
     def branch_kv(self, k, v):
         """``{"cmp", "slc", "win"}`` -> ``(k, v)`` of each branch, in the compute dtype."""
-        dtype = self.config.ms_compute_dtype
+        hold = self.precision.hold
         if isinstance(k, (tuple, list)):
-            return {"cmp": (k[0].astype(dtype), v[0].astype(dtype)), "slc": (k[1].astype(dtype), v[1].astype(dtype)),
-                    "win": (k[2].astype(dtype), v[2].astype(dtype))}
-        k, v = k.astype(dtype), v.astype(dtype)
+            return {"cmp": (hold(k[0]), hold(v[0])), "slc": (hold(k[1]), hold(v[1])), "win": (hold(k[2]), hold(v[2]))}
+        k, v = hold(k), hold(v)
         return {"cmp": (k, v), "slc": (k, v), "win": (k, v)}
 
     def _no_tokens(self, q):
         cfg = self.config
-        empty = ops.zeros((0, cfg.num_heads, cfg.v_head_dim), cfg.ms_compute_dtype)
+        empty = ops.zeros((0, cfg.num_heads, cfg.v_head_dim), self.precision.storage)
         slots = (0, cfg.num_kv_heads, cfg.select_block_count)
         return {"out": empty.astype(q.dtype), "o_cmp": empty, "o_slc": empty, "o_win": empty,
                 "blocks": ops.zeros(slots, ms.int32), "valid": ops.zeros(slots, ms.bool_)}

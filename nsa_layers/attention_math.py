@@ -1,5 +1,7 @@
 """Attention arithmetic shared by the NSA branches: GQA grouping, the visibility bias and the
-masked attention core with its hand-written backward.
+masked attention core with its hand-written backward, at the precision of ``nsa_layers.precision``
+(scores, softmax and the softmax backward in the softmax dtype, float32 by default; values rounded
+to the compute dtype).
 
 Shapes: a chunk of ``C`` queries ``(C, H, D)`` with ``H = Hkv * G`` heads, head ``n`` reading KV head
 ``n // G`` (blocked grouping, as MindFormers and the Ascend kernels).
@@ -7,6 +9,8 @@ Shapes: a chunk of ``C`` queries ``(C, H, D)`` with ``H = Hkv * G`` heads, head 
 
 import mindspore as ms
 from mindspore import nn, ops
+
+from .precision import FLOAT32
 
 __all__ = ["MASKED", "masked_score", "index_range", "chunk_buckets", "padded_rows", "group_queries", "ungroup_outputs",
            "visibility_bias", "column_tiled", "row_tiled", "row_dot", "attention_forward", "attention_probs",
@@ -35,7 +39,8 @@ _CONCAT_ROWS = ops.Concat(0)
 # Score of a masked key: finite, so no inf - inf; exp(MASKED - row max) is exactly 0 in float32.
 MASKED = -1e30
 # float16 cannot hold MASKED (it would become -inf, and 0 * -inf = NaN): a finite score whose sum with
-# any real score stays finite and whose exp after the row max is still exactly 0.
+# any real score stays finite and whose exp after the row max is still exactly 0. Only a float16
+# softmax (softmax_dtype float16) needs it.
 MASKED_FLOAT16 = -3.0e4
 
 
@@ -112,38 +117,44 @@ def row_dot(a, b):
     return _BMM(a * b, _ONES_LIKE(a[:, :1, :]).reshape(batch, width, 1))
 
 
-def attention_forward(q, k, v, bias, scale):
+def attention_forward(q, k, v, bias, scale, precision=FLOAT32):
     """``softmax(q k^T * scale + bias) v`` for grouped query rows.
 
     Args:
         q (Tensor): ``(B, G*C, Dq)``, rows ordered ``(g, c)`` (:func:`group_queries`; ``G`` may be 1).
-        k (Tensor): ``(B, N, Dq)``; ``v``: ``(B, N, Dv)``.
+        k (Tensor): ``(B, N, Dq)``; ``v``: ``(B, N, Dv)``; all compute-dtype values.
         bias (Tensor): ``(B or 1, C, N)`` additive score bias shared by the ``G`` query groups
-            (:func:`visibility_bias`). Masked keys get probability exactly 0 (``exp(MASKED - max)``
-            underflows), so outputs never depend on them; a row that sees no key gets uniform
-            probabilities over masked keys, and the caller zeroes its output (then its gradients are 0).
+            (:func:`visibility_bias`, in ``precision.softmax_storage``). Masked keys get probability
+            exactly 0 (``exp(MASKED - max)`` underflows), so outputs never depend on them; a row that
+            sees no key gets uniform probabilities over masked keys, and the caller zeroes its output
+            (then its gradients are 0).
         scale (float): score scale.
+        precision (Precision): the layer's (``nsa_layers.precision``); default float32 throughout.
 
     Returns:
-        ``(out (B, G*C, Dv), probs (B, G, C, N))``.
+        ``(out (B, G*C, Dv), probs (B, G, C, N))``: the output in the compute dtype (the value matmul
+        takes the probabilities rounded to it), the probabilities in the softmax dtype.
     """
-    probs = attention_probs(q, k, bias, scale)
+    probs = attention_probs(q, k, bias, scale, precision)
     batch, grouped, _ = q.shape
-    return _BMM(probs.reshape(batch, grouped, k.shape[1]), v), probs
+    p = precision
+    return p.held(_BMM(p.hold_probs(probs.reshape(batch, grouped, k.shape[1])), v)), probs
 
 
-def attention_probs(q, k, bias, scale):
-    """The probabilities ``(B, G, C, N)`` of :func:`attention_forward`."""
+def attention_probs(q, k, bias, scale, precision=FLOAT32):
+    """The probabilities ``(B, G, C, N)`` of :func:`attention_forward`, in the softmax dtype."""
+    p = precision
     batch, grouped, _ = q.shape
     keys = k.shape[1]
     rows = bias.shape[1]
-    scores = _BMM_TRANSPOSE_B(q * scale, k)  # (B, G*C, N); scale the small operand
+    # (B, G*C, N); scale the small operand
+    scores = p.held_scores(_BMM_TRANSPOSE_B(p.held_scores(p.score_operand(q) * scale), p.score_operand(k)))
     # the bias of every query group, the scores' shape (tiled even when that is a copy, see the primitives)
-    return _SOFTMAX(scores + _TILE(bias, (batch // bias.shape[0], grouped // rows, 1))).reshape(
+    return p.held_scores(_SOFTMAX(scores + _TILE(bias, (batch // bias.shape[0], grouped // rows, 1)))).reshape(
         batch, grouped // rows, rows, keys)
 
 
-def attention_backward(q, k, v, probs, out, d_out, scale):
+def attention_backward(q, k, v, probs, out, d_out, scale, precision=FLOAT32):
     """Gradients ``(d_q, d_k, d_v)`` of :func:`attention_forward` from its ``probs`` and ``out``.
 
     The softmax backward uses ``sum_j P_ij dP_ij = dO_i . O_i`` (one reduction over ``Dv`` instead of
@@ -151,17 +162,22 @@ def attention_backward(q, k, v, probs, out, d_out, scale):
     That reduction is :func:`row_dot` (a matmul with a column of ones).
     When the query rows outnumber ``Dv``, that row term is subtracted inside the ``dP`` matmul (``dO``
     gets the column ``-dO.O``, ``v`` a column of ones), else it is tiled over the keys: no broadcast.
+    ``dP``, the row term and the score gradient are in the softmax dtype; the score gradient (scaled)
+    is rounded to the compute dtype for the ``d_q`` / ``d_k`` matmuls, as FlashAttention's backward does.
     """
+    p = precision
     batch, grouped, _ = q.shape
     keys = k.shape[1]
     probs = probs.reshape(batch, grouped, keys)
-    row_term = row_dot(d_out, out)  # (B, G*C, 1)
+    d_out_s, v_s = p.score_operand(d_out), p.score_operand(v)
+    row_term = p.held_scores(row_dot(d_out_s, p.score_operand(out)))  # (B, G*C, 1)
     if grouped > v.shape[2]:  # static shapes
-        d_probs = _BMM_TRANSPOSE_B(_CONCAT_LAST((d_out, -row_term)), _CONCAT_LAST((v, _ONES_LIKE(v[:, :, :1]))))
+        d_probs = _BMM_TRANSPOSE_B(_CONCAT_LAST((d_out_s, -row_term)), _CONCAT_LAST((v_s, _ONES_LIKE(v_s[:, :, :1]))))
     else:
-        d_probs = _BMM_TRANSPOSE_B(d_out, v) - _TILE(row_term, (1, 1, keys))
-    d_scores = probs * d_probs  # per unit of scaled score
-    return _BMM(d_scores, k) * scale, _BMM_TRANSPOSE_A(d_scores, q * scale), _BMM_TRANSPOSE_A(probs, d_out)
+        d_probs = p.held_scores(_BMM_TRANSPOSE_B(d_out_s, v_s)) - _TILE(row_term, (1, 1, keys))
+    d_scores = p.hold_probs(p.held_scores(probs * p.held_scores(d_probs)) * scale)  # per unit of score
+    return (p.held(_BMM(d_scores, k)), p.held(_BMM_TRANSPOSE_A(d_scores, q)),
+            p.held(_BMM_TRANSPOSE_A(p.hold_probs(probs), d_out)))
 
 
 class MaskedAttention(nn.Cell):
@@ -170,6 +186,7 @@ class MaskedAttention(nn.Cell):
 
     Args:
         scale (float): score scale.
+        precision (Precision): the layer's; default float32 throughout.
 
     Inputs:
         q, k, v, bias: as :func:`attention_forward`.
@@ -179,13 +196,14 @@ class MaskedAttention(nn.Cell):
         feed block selection, which is not differentiable) nor to ``bias``.
     """
 
-    def __init__(self, scale):
+    def __init__(self, scale, precision=FLOAT32):
         super().__init__()
         self.scale = scale
+        self.precision = precision
 
     def construct(self, q, k, v, bias):
-        return attention_forward(q, k, v, bias, self.scale)
+        return attention_forward(q, k, v, bias, self.scale, self.precision)
 
     def bprop(self, q, k, v, bias, out, dout):
-        d_q, d_k, d_v = attention_backward(q, k, v, out[1], out[0], dout[0], self.scale)
+        d_q, d_k, d_v = attention_backward(q, k, v, out[1], out[0], dout[0], self.scale, self.precision)
         return d_q, d_k, d_v, _ZEROS_LIKE(bias)

@@ -21,6 +21,7 @@ from .attention_math import (
     ungroup_outputs,
     visibility_bias,
 )
+from .precision import precision_of
 from .selection import BlockSelector
 
 __all__ = ["CompressedAttention"]
@@ -87,7 +88,8 @@ class CompressedAttention(nn.Cell):
         self.stride = config.compress_stride
         self.count = config.select_block_count
         self.scale = config.scale
-        self.masked = masked_score(config.ms_compute_dtype)
+        self.precision = precision_of(config)
+        self.masked = masked_score(self.precision.softmax)
         self.selector = BlockSelector(config)
         self.query_rows = Tensor(np.arange(self.chunk, dtype=np.int32).reshape(-1, 1))
 
@@ -106,7 +108,7 @@ class CompressedAttention(nn.Cell):
             while j < last:
                 rows = self.query_rows + j * self.chunk
                 q_chunk, bias, sees = self._chunk(q, first_window, windows_ended, rows, slots, v.shape[2])
-                out_chunk, probs = attention_forward(q_chunk, k_reach, v_reach, bias, self.scale)
+                out_chunk, probs = attention_forward(q_chunk, k_reach, v_reach, bias, self.scale, self.precision)
                 chosen, used = self.selector(probs, _GATHER(first_window, rows.reshape(-1), 0),
                                              _GATHER(position, rows.reshape(-1), 0), num_blocks)
                 out = _SCATTER_UPDATE(out, rows, ungroup_outputs(out_chunk * sees, self.chunk))
@@ -117,34 +119,37 @@ class CompressedAttention(nn.Cell):
 
     def bprop(self, q, k, v, first_window, windows_ended, position, row_offset, out, dout):
         total = q.shape[0]
+        p = self.precision
         q, first_window_rows, windows_ended_rows, position_rows = self._padded(q, first_window, windows_ended,
                                                                                position)
         outputs, d_outputs = padded_rows(out[0], self.chunk), padded_rows(dout[0], self.chunk)
         k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
-        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(k_heads), _ZEROS_LIKE(v_heads)
+        # the key and value gradients are sums over chunks: float32 accumulators
+        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(p.stats(k_heads)), _ZEROS_LIKE(p.stats(v_heads))
         for first, last, slots in _buckets(total, k.shape[0], self.chunk, self.stride, row_offset):
             k_reach, v_reach = k_heads[:, :slots], v_heads[:, :slots]
-            d_k_reach, d_v_reach = _ZEROS_LIKE(k_reach), _ZEROS_LIKE(v_reach)
+            d_k_reach, d_v_reach = _ZEROS_LIKE(p.stats(k_reach)), _ZEROS_LIKE(p.stats(v_reach))
             j = Tensor(first, ms.int32)
             while j < last:
                 rows = self.query_rows + j * self.chunk
                 q_chunk, bias, sees = self._chunk(q, first_window_rows, windows_ended_rows, rows, slots, v.shape[2])
-                probs = attention_probs(q_chunk, k_reach, bias, self.scale)  # recomputed: the same as the forward's
+                # recomputed: the same as the forward's
+                probs = attention_probs(q_chunk, k_reach, bias, self.scale, p)
                 d_out = self._grouped(d_outputs, rows) * sees  # rows that see no window: zero gradients
-                dq_chunk, dk_chunk, dv_chunk = attention_backward(q_chunk, k_reach, v_reach, probs,
-                                                                  self._grouped(outputs, rows), d_out, self.scale)
+                dq_chunk, dk_chunk, dv_chunk = attention_backward(
+                    q_chunk, k_reach, v_reach, probs, self._grouped(outputs, rows), d_out, self.scale, p)
                 d_q = _SCATTER_UPDATE(d_q, rows, ungroup_outputs(dq_chunk, self.chunk))
-                d_k_reach = d_k_reach + dk_chunk
-                d_v_reach = d_v_reach + dv_chunk
+                d_k_reach = d_k_reach + p.stats(dk_chunk)
+                d_v_reach = d_v_reach + p.stats(dv_chunk)
                 j = j + 1
             if slots < k.shape[0]:  # the slots the range does not reach get no gradient from it
-                d_k = d_k + _CONCAT_SLOTS((d_k_reach, _ZEROS_LIKE(k_heads[:, slots:])))
-                d_v = d_v + _CONCAT_SLOTS((d_v_reach, _ZEROS_LIKE(v_heads[:, slots:])))
+                d_k = d_k + _CONCAT_SLOTS((d_k_reach, _ZEROS_LIKE(d_k[:, slots:])))
+                d_v = d_v + _CONCAT_SLOTS((d_v_reach, _ZEROS_LIKE(d_v[:, slots:])))
             else:
                 d_k = d_k + d_k_reach
                 d_v = d_v + d_v_reach
-        return (d_q[:total], d_k.transpose(1, 0, 2), d_v.transpose(1, 0, 2), _ZEROS_LIKE(first_window),
-                _ZEROS_LIKE(windows_ended), _ZEROS_LIKE(position), 0)
+        return (d_q[:total], p.hold(d_k).transpose(1, 0, 2), p.hold(d_v).transpose(1, 0, 2),
+                _ZEROS_LIKE(first_window), _ZEROS_LIKE(windows_ended), _ZEROS_LIKE(position), 0)
 
     def _padded(self, q, first_window, windows_ended, position):
         """The inputs padded to whole chunks: the padding rows see no window."""
@@ -163,7 +168,7 @@ class CompressedAttention(nn.Cell):
         # slot - first_window in [0, ended): mask comparisons on explicitly tiled operands (see attention_math)
         relative = row_tiled(index_range(slots), self.chunk) - column_tiled(first, slots)
         visible = _LOGICAL_AND(relative >= 0, relative < column_tiled(ended, slots))
-        bias = visibility_bias(visible, q.dtype, self.masked).reshape(1, self.chunk, slots)
+        bias = visibility_bias(visible, self.precision.softmax_storage, self.masked).reshape(1, self.chunk, slots)
         q_chunk = self._grouped(q, rows)
         sees = _CAST(ended > 0, q.dtype).reshape(1, 1, self.chunk, 1)
         sees = _TILE(sees, (self.kv_heads, q_chunk.shape[1] // self.chunk, 1, dim_v))

@@ -40,7 +40,11 @@ class NSAConfig:
             (``BlockGroupedSelectedAttention``). ``None`` (given) becomes ``2 * select_block_count *
             select_block_size`` (2048 for the paper's sizes, see ``docs/design.md``); ``0`` never uses
             the block mask. Both give the same result.
-        compute_dtype: ``"float32"`` (CPU), ``"float16"`` or ``"bfloat16"``; inputs are cast to it.
+        compute_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``: the dtype of the values
+            (activations, matmul operands, what is stored); inputs are cast to it. Statistics (scores,
+            softmax, importances, accumulations) are float32 (``nsa_layers.precision``).
+        softmax_dtype: ``"float32"`` (the default) or ``compute_dtype``: the dtype of the scores and
+            the softmax (MindFormers' ``softmax_compute_dtype``); float32 is the precise choice.
         softmax_scale: score scale; ``None`` means ``head_dim ** -0.5``.
     """
 
@@ -62,6 +66,7 @@ class NSAConfig:
     select_dense_rows: int = None
     compute_dtype: str = "float32"
     softmax_scale: float = None
+    softmax_dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "v_head_dim", "compress_block_size",
@@ -96,6 +101,9 @@ class NSAConfig:
         if self.compute_dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"NSAConfig: compute_dtype must be one of {sorted(_COMPUTE_DTYPES)}, "
                              f"but got {self.compute_dtype!r}.")
+        if self.softmax_dtype not in ("float32", self.compute_dtype):
+            raise ValueError(f"NSAConfig: softmax_dtype must be 'float32' or the compute_dtype "
+                             f"({self.compute_dtype!r}), but got {self.softmax_dtype!r}.")
         if self.softmax_scale is not None and not self.softmax_scale > 0:
             raise ValueError(f"NSAConfig: softmax_scale must be positive or None, but got {self.softmax_scale!r}.")
         if self.select_dense_rows is None:
@@ -115,3 +123,8 @@ class NSAConfig:
     def ms_compute_dtype(self):
         """``compute_dtype`` as a MindSpore dtype."""
         return _COMPUTE_DTYPES[self.compute_dtype]
+
+    @property
+    def ms_softmax_dtype(self):
+        """``softmax_dtype`` as a MindSpore dtype."""
+        return _COMPUTE_DTYPES[self.softmax_dtype]

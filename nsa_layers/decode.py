@@ -145,7 +145,8 @@ class NSADecodeStep(nn.Cell):
         cfg = core.config
         self.core = core
         self.cache = cache
-        self.masked = masked_score(cfg.ms_compute_dtype)
+        self.precision = core.precision
+        self.masked = masked_score(self.precision.softmax)
         self.num_blocks = (cache.max_len - 1) // cfg.select_block_size + 1  # any position's own block + 1
         self.window_ids = Tensor(np.arange(cache.windows, dtype=np.int32))
         self.tail_offsets = Tensor(np.arange(cfg.compress_block_size, dtype=np.int32))
@@ -166,16 +167,15 @@ class NSADecodeStep(nn.Cell):
         """The step with each new token's ``slot`` and ``position`` ``(Q,)`` int32 already known
         (:func:`step_positions`; the self-attention step needs them for rotary first)."""
         self.core.check_inputs(q, k, v, gates)
-        cfg = self.core.config
-        dtype, out_dtype = cfg.ms_compute_dtype, q.dtype
+        out_dtype = q.dtype
         kv = self.core.branch_kv(k, v)
-        q = q.astype(dtype)
+        q = self.precision.hold(q)
         self._write_tokens(kv, slot, position)
         self._write_compressed(kv, slot, position)
         o_cmp, blocks, valid = self._compressed_and_selection(q, slot, position)
         o_slc = self._selected(q, slot, position, blocks, valid)
         o_win = self._window(q, slot, position)
-        out = self.core.gated_sum(gates.astype(dtype), o_cmp, o_slc, o_win)
+        out = self.core.gated_sum(self.precision.hold(gates), o_cmp, o_slc, o_win)
         self.cache.add_lengths(counts)
         return out.astype(out_dtype), o_cmp, o_slc, o_win, blocks, valid
 
@@ -219,7 +219,8 @@ class NSADecodeStep(nn.Cell):
         """Grouped attention of the new queries over ``(Q * Hkv, N, D)`` keys and values with a
         ``(Q, 1, N)`` bias: ``(out (Q, H, Dv), probs (Q * Hkv, G, 1, N))``."""
         cfg = self.core.config
-        out, probs = attention_forward(self._grouped(q), k, v, _per_head(bias, cfg.num_kv_heads), cfg.scale)
+        out, probs = attention_forward(self._grouped(q), k, v, _per_head(bias, cfg.num_kv_heads), cfg.scale,
+                                       self.precision)
         return out.reshape(q.shape[0], cfg.num_heads, v.shape[2]), probs
 
     def _compressed_and_selection(self, q, slot, position):
@@ -231,7 +232,7 @@ class NSADecodeStep(nn.Cell):
         values = cache.read(cache.v_compressed, rows).reshape(total * cache.kv_heads, cache.windows, cfg.v_head_dim)
         ended = windows_ended(position, cfg.compress_block_size, cfg.compress_stride)
         visible = row_tiled(self.window_ids, total) < column_tiled(ended, cache.windows)
-        bias = visibility_bias(visible, q.dtype, self.masked).reshape(total, 1, cache.windows)
+        bias = visibility_bias(visible, self.precision.softmax_storage, self.masked).reshape(total, 1, cache.windows)
         out, probs = self._attend(q, keys, values, bias)
         sees = ops.tile(ops.cast(ended > 0, q.dtype).reshape(-1, 1, 1), (1, cfg.num_heads, cfg.v_head_dim))
         # the selector reads (Hkv, G, Q, W) probabilities, windows from slot 0 of each query's rows
@@ -253,8 +254,9 @@ class NSADecodeStep(nn.Cell):
         rows = rows.reshape(total, heads, count * block)
         k_sel = cache.read(cache.k_selected, rows).reshape(total * heads, count * block, cfg.head_dim)
         v_sel = cache.read(cache.v_selected, rows).reshape(total * heads, count * block, cfg.v_head_dim)
-        bias = visibility_bias(visible, q.dtype, self.masked).reshape(total * heads, 1, count * block)
-        out = attention_forward(self._grouped(q), k_sel, v_sel, bias, cfg.scale)[0]
+        bias = visibility_bias(visible, self.precision.softmax_storage, self.masked)
+        bias = bias.reshape(total * heads, 1, count * block)
+        out = attention_forward(self._grouped(q), k_sel, v_sel, bias, cfg.scale, self.precision)[0]
         return out.reshape(total, cfg.num_heads, cfg.v_head_dim)
 
     def _window(self, q, slot, position):
@@ -267,5 +269,5 @@ class NSADecodeStep(nn.Cell):
         rows = cache.window_rows(slot.reshape(-1, 1), ops.maximum(keys, 0)).transpose(0, 2, 1)
         k_win = cache.read(k_src, rows).reshape(total * cache.kv_heads, window, cfg.head_dim)
         v_win = cache.read(v_src, rows).reshape(total * cache.kv_heads, window, cfg.v_head_dim)
-        bias = visibility_bias(visible, q.dtype, self.masked).reshape(total, 1, window)
+        bias = visibility_bias(visible, self.precision.softmax_storage, self.masked).reshape(total, 1, window)
         return self._attend(q, k_win, v_win, bias)[0]

@@ -4,6 +4,7 @@ and the gated sum of the three branch outputs."""
 from mindspore import nn, ops
 
 from .attention_math import row_dot
+from .precision import FLOAT32, ComputeDense
 
 __all__ = ["NSAGate", "GatedSum"]
 
@@ -18,23 +19,26 @@ class NSAGate(nn.Cell):
     Args:
         hidden_size (int): input width.
         num_heads (int): query heads ``H``.
+        precision (Precision, optional): the layer's (``nsa_layers.precision``); default float32.
 
     Inputs:
         hidden_states (Tensor): ``(T, hidden_size)``.
 
     Outputs:
-        Tensor ``(T, H, 3)`` in ``[0, 1]``.
+        Tensor ``(T, H, 3)`` in ``[0, 1]``, compute-dtype values (the projection and the sigmoid each
+        rounded to it, as on Ascend).
     """
 
-    def __init__(self, hidden_size, num_heads):
+    def __init__(self, hidden_size, num_heads, precision=None):
         super().__init__()
         self.num_heads = num_heads
-        self.proj = nn.Dense(hidden_size, num_heads * 3, has_bias=True)
+        self.precision = FLOAT32 if precision is None else precision
+        self.proj = ComputeDense(hidden_size, num_heads * 3, True, self.precision)
         self.sigmoid = ops.Sigmoid()
 
     def construct(self, hidden_states):
         logits = self.proj(hidden_states)
-        return self.sigmoid(logits).reshape(hidden_states.shape[0], self.num_heads, 3)
+        return self.precision.held(self.sigmoid(logits)).reshape(hidden_states.shape[0], self.num_heads, 3)
 
     def shard_columns(self, token_parts, tp):
         """Column-parallel layout (semi-auto parallel): the tokens in ``token_parts``, the ``3H``
@@ -50,30 +54,41 @@ def _branch_gate(gates, branch, dim):
 
 
 class GatedSum(nn.Cell):
-    """``o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win``, per token and head.
+    """``o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win``, per token and head, summed in float32
+    and rounded to the compute dtype once.
 
     The gates are tiled over ``Dv`` and the backward is written by hand: each gate's gradient is a
-    row dot product (a matmul with ones) instead of the broadcasting multiply and the reduction over
-    ``Dv`` autodiff produces (several times slower on CPU).
+    row dot product (a float32 matmul with ones) instead of the broadcasting multiply and the
+    reduction over ``Dv`` autodiff produces (several times slower on CPU).
+
+    Args:
+        precision (Precision, optional): the layer's (``nsa_layers.precision``); default float32.
 
     Inputs:
         gates (Tensor): ``(T, H, 3)`` gate values for (compressed, selected, window).
-        o_cmp, o_slc, o_win (Tensor): ``(T, H, Dv)`` branch outputs, the dtype of ``gates``.
+        o_cmp, o_slc, o_win (Tensor): ``(T, H, Dv)`` branch outputs; all compute-dtype values.
 
     Outputs:
-        Tensor ``(T, H, Dv)``.
+        Tensor ``(T, H, Dv)``, compute-dtype values.
     """
 
+    def __init__(self, precision=None):
+        super().__init__()
+        self.precision = FLOAT32 if precision is None else precision
+
     def construct(self, gates, o_cmp, o_slc, o_win):
+        s = self.precision.stats
         dim = o_cmp.shape[2]
-        return (_branch_gate(gates, 0, dim) * o_cmp + _branch_gate(gates, 1, dim) * o_slc
-                + _branch_gate(gates, 2, dim) * o_win)
+        gates = s(gates)
+        return self.precision.hold(_branch_gate(gates, 0, dim) * s(o_cmp) + _branch_gate(gates, 1, dim) * s(o_slc)
+                                   + _branch_gate(gates, 2, dim) * s(o_win))
 
     def bprop(self, gates, o_cmp, o_slc, o_win, out, dout):
+        p = self.precision
         rows, heads, dim = dout.shape
-        flat = dout.reshape(1, rows * heads, dim)
-        d_cmp = row_dot(flat, o_cmp.reshape(1, rows * heads, dim)).reshape(rows, heads, 1)
-        d_slc = row_dot(flat, o_slc.reshape(1, rows * heads, dim)).reshape(rows, heads, 1)
-        d_win = row_dot(flat, o_win.reshape(1, rows * heads, dim)).reshape(rows, heads, 1)
-        return (_CONCAT_LAST((d_cmp, d_slc, d_win)), dout * _branch_gate(gates, 0, dim),
-                dout * _branch_gate(gates, 1, dim), dout * _branch_gate(gates, 2, dim))
+        flat = p.stats(dout).reshape(1, rows * heads, dim)
+        d_cmp = row_dot(flat, p.stats(o_cmp).reshape(1, rows * heads, dim)).reshape(rows, heads, 1)
+        d_slc = row_dot(flat, p.stats(o_slc).reshape(1, rows * heads, dim)).reshape(rows, heads, 1)
+        d_win = row_dot(flat, p.stats(o_win).reshape(1, rows * heads, dim)).reshape(rows, heads, 1)
+        return (p.hold(_CONCAT_LAST((d_cmp, d_slc, d_win))), p.held(dout * _branch_gate(gates, 0, dim)),
+                p.held(dout * _branch_gate(gates, 1, dim)), p.held(dout * _branch_gate(gates, 2, dim)))

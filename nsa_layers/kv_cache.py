@@ -9,6 +9,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from .precision import precision_of
+
 __all__ = ["NSAKVCache", "compressed_rows"]
 
 _SCATTER = ops.ScatterUpdate()  # in place on the cache's Parameters
@@ -48,6 +50,8 @@ class NSAKVCache(nn.Cell):
     (queries and keys are rotated at their in-segment positions before compression), and the
     compressed K/V after compression (and the value position embedding). Rows beyond a slot's
     length (or a ring's reach) hold stale or garbage values that every read masks by position.
+    Values are stored in the compute dtype (half the memory of float32 in bfloat16 or float16), in
+    the tensors the layer holds them in (``precision.storage``: float32 for bfloat16 on CPU).
 
     Args:
         config (NSAConfig): the layer's sizes.
@@ -70,6 +74,8 @@ class NSAKVCache(nn.Cell):
         self.prefix = name if name is not None else f"nsa_cache_{next(NSAKVCache._made)}"
         self.batch_slots, self.max_len, self.max_step_tokens = batch_slots, max_len, max_step_tokens
         self.kv_heads = config.num_kv_heads
+        # values in the compute dtype, as the layer holds them (float32 tensors for bfloat16 on CPU)
+        self.storage = precision_of(config).storage
         self.windows = compressed_rows(max_len, config.compress_block_size, config.compress_stride)
         self.independent_kv = config.independent_kv
         dims = {"k": config.head_dim, "v": config.v_head_dim}
@@ -91,8 +97,8 @@ class NSAKVCache(nn.Cell):
 
     def _buffer(self, name, rows, dim, scratch=0):
         shape = ((self.batch_slots * rows + scratch) * self.kv_heads, dim)
-        return Parameter(Tensor(np.zeros(shape, np.float32), self.config.ms_compute_dtype),
-                         name=f"{self.prefix}.{name}", requires_grad=False)
+        return Parameter(Tensor(np.zeros(shape, np.float32), self.storage), name=f"{self.prefix}.{name}",
+                         requires_grad=False)
 
     def window_source(self):
         """``(k, v)``: the buffers the window branch reads (rows: :meth:`window_rows`)."""

@@ -31,6 +31,7 @@ from .attention_math import (
     visibility_bias,
 )
 from .layout import window_rows_tensor
+from .precision import precision_of
 
 __all__ = ["SelectedAttention", "BlockGroupedSelectedAttention", "BlockMaskedSelectedAttention", "SelectedTilePlan",
            "dense_chunks", "selected_tile_plan", "selected_key_limit", "block_grouped_slots", "selected_block_mask",
@@ -345,10 +346,11 @@ class BlockGroupedSelectedAttention(nn.Cell):
         self.count = config.select_block_count
         self.scale = config.scale
         self.tile = tile_pairs(config.group_size)
+        self.precision = precision_of(config)
         # row r: 0 for key offsets < r, masked from r on (a slot whose last visible offset is r - 1)
         offsets = np.arange(self.block)
         self.bias_table = Tensor(np.where(offsets.reshape(1, -1) < np.arange(self.block + 1).reshape(-1, 1), 0.0,
-                                          masked_score(config.ms_compute_dtype)).astype(np.float32))
+                                          masked_score(self.precision.softmax)).astype(np.float32))
         self.query_rows = Tensor(np.arange(self.chunk, dtype=np.int32).reshape(-1, 1))
 
     def block_major(self, x, block_starts):
@@ -366,6 +368,7 @@ class BlockGroupedSelectedAttention(nn.Cell):
 
     def construct(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, row_offset):
         total = q.shape[0]
+        p = self.precision
         q, blocks, valid, first_block, position = self._padded(q, blocks, valid, first_block, position)
         out = ops.zeros((q.shape[0], q.shape[1], v_blocks.shape[1] // self.block), q.dtype)
         for first, last, num_blocks in self._buckets(total, k_blocks.shape[0], row_offset):
@@ -374,35 +377,44 @@ class BlockGroupedSelectedAttention(nn.Cell):
                 rows = self.query_rows + j * self.chunk
                 plan, _, _, v_tiles, probs = self._tiles(q, k_blocks, v_blocks, blocks, valid, first_block, position,
                                                          rows, num_blocks)
-                out = _SCATTER_UPDATE(out, rows, self._sum_over_slots(_BMM(probs, v_tiles), plan))
+                slot_outputs = p.held(_BMM(p.hold_probs(probs), v_tiles))
+                out = _SCATTER_UPDATE(out, rows, p.hold(self._sum_over_slots(slot_outputs, plan)))
                 j = j + 1
         return out[:total]
 
     def bprop(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, row_offset, out, dout):
         total = q.shape[0]
+        p = self.precision
         rows_in = self._padded(q, blocks, valid, first_block, position)
         q, blocks_rows, valid_rows, first_block_rows, position_rows = rows_in
         out, dout = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
-        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(k_blocks), _ZEROS_LIKE(v_blocks)
+        # a block's gradient sums over the tiles that read it: float32 accumulators
+        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(p.stats(k_blocks)), _ZEROS_LIKE(p.stats(v_blocks))
         for first, last, num_blocks in self._buckets(total, k_blocks.shape[0], row_offset):
             j = Tensor(first, ms.int32)
             while j < last:
                 rows = self.query_rows + j * self.chunk
                 plan, q_tiles, k_tiles, v_tiles, probs = self._tiles(q, k_blocks, v_blocks, blocks_rows, valid_rows,
                                                                      first_block_rows, position_rows, rows, num_blocks)
-                # each tile row's output and its gradient (zero rows for padding)
+                # each tile row's output and its gradient (zero rows for padding); the softmax backward
+                # as attention_math.attention_backward's
                 d_out_tiles = self._to_tiles(_GATHER(dout, rows.reshape(-1), 0), plan)
-                row_term = row_dot(d_out_tiles, self._to_tiles(_GATHER(out, rows.reshape(-1), 0), plan))
-                d_scores = probs * (_BMM_TRANSPOSE_B(d_out_tiles, v_tiles) - _TILE(row_term, (1, 1, self.block)))
+                d_out_s = p.score_operand(d_out_tiles)
+                out_s = p.score_operand(self._to_tiles(_GATHER(out, rows.reshape(-1), 0), plan))
+                row_term = p.held_scores(row_dot(d_out_s, out_s))
+                d_probs = p.held_scores(_BMM_TRANSPOSE_B(d_out_s, p.score_operand(v_tiles)))
+                d_probs = d_probs - _TILE(row_term, (1, 1, self.block))
+                d_scores = p.hold_probs(p.held_scores(probs * d_probs) * self.scale)
                 tiles = k_tiles.shape[0]
-                d_q = _SCATTER_UPDATE(d_q, rows, self._sum_over_slots(_BMM(d_scores, k_tiles) * self.scale, plan))
-                d_k = d_k + _SEGMENT_SUM(_BMM_TRANSPOSE_A(d_scores, q_tiles).reshape(tiles, -1), plan["tile_blocks"],
-                                         k_blocks.shape[0])
-                d_v = d_v + _SEGMENT_SUM(_BMM_TRANSPOSE_A(probs, d_out_tiles).reshape(tiles, -1), plan["tile_blocks"],
-                                         v_blocks.shape[0])
+                d_q = _SCATTER_UPDATE(d_q, rows, p.hold(self._sum_over_slots(p.held(_BMM(d_scores, k_tiles)), plan)))
+                d_k = d_k + _SEGMENT_SUM(p.stats(p.held(_BMM_TRANSPOSE_A(d_scores, q_tiles))).reshape(tiles, -1),
+                                         plan["tile_blocks"], k_blocks.shape[0])
+                d_v = d_v + _SEGMENT_SUM(
+                    p.stats(p.held(_BMM_TRANSPOSE_A(p.hold_probs(probs), d_out_tiles))).reshape(tiles, -1),
+                    plan["tile_blocks"], v_blocks.shape[0])
                 j = j + 1
-        return (d_q[:total], d_k, d_v, _ZEROS_LIKE(blocks), _ZEROS_LIKE(valid), _ZEROS_LIKE(first_block),
-                _ZEROS_LIKE(position), 0)
+        return (d_q[:total], p.hold(d_k), p.hold(d_v), _ZEROS_LIKE(blocks), _ZEROS_LIKE(valid),
+                _ZEROS_LIKE(first_block), _ZEROS_LIKE(position), 0)
 
     def _padded(self, q, blocks, valid, first_block, position):
         """The per-query inputs padded to whole chunks: the padding selects nothing."""
@@ -417,8 +429,9 @@ class BlockGroupedSelectedAttention(nn.Cell):
 
     def _tiles(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, rows, num_blocks):
         """The plan of the chunk at ``rows`` over its first ``num_blocks`` block slots and its tiles:
-        queries (scaled), keys, values ``(R, ., .)`` and the probabilities ``(R, tile*G, l')`` (0 on
-        padding rows)."""
+        queries, keys, values ``(R, ., .)`` and the probabilities ``(R, tile*G, l')`` in the softmax
+        dtype (0 on padding rows)."""
+        p = self.precision
         flat = rows.reshape(-1)
         chosen = _GATHER(blocks, flat, 0).transpose(1, 0, 2)
         used = _GATHER(valid, flat, 0).transpose(1, 0, 2)
@@ -429,13 +442,15 @@ class BlockGroupedSelectedAttention(nn.Cell):
         tiles = plan["tile_blocks"].shape[0]
         k_tiles = _GATHER(k_blocks, plan["tile_blocks"], 0).reshape(tiles, self.block, dim)
         v_tiles = _GATHER(v_blocks, plan["tile_blocks"], 0).reshape(tiles, self.block, -1)
-        q_tiles = self._to_tiles(_GATHER(q, flat, 0) * self.scale, plan)
-        scores = _BMM_TRANSPOSE_B(q_tiles, k_tiles).reshape(-1, self.block)
+        q_tiles = self._to_tiles(_GATHER(q, flat, 0), plan)
+        scores = _BMM_TRANSPOSE_B(p.held_scores(p.score_operand(q_tiles) * self.scale), p.score_operand(k_tiles))
+        scores = p.held_scores(scores).reshape(-1, self.block)
         # the softmax over each (query, head)'s k * l' keys, in rows of those keys (every row has a tile row)
         scores = _GATHER(scores, plan["softmax_from_tiles"], 0)
         scores = scores.reshape(kv_heads * chunk, self.group, count * self.block)
-        bias = _GATHER(_CAST(self.bias_table, q.dtype), plan["key_bias"], 0)
+        bias = _GATHER(_CAST(self.bias_table, p.softmax_storage), plan["key_bias"], 0)
         probs = _SOFTMAX(scores + _TILE(bias.reshape(kv_heads * chunk, 1, count * self.block), (1, self.group, 1)))
+        probs = p.held_scores(probs)
         probs = _GATHER(_with_zero_row(probs.reshape(-1, self.block)), plan["tiles_from_softmax"], 0)
         return plan, q_tiles, k_tiles, v_tiles, probs.reshape(tiles, self.tile * self.group, self.block)
 
@@ -447,12 +462,13 @@ class BlockGroupedSelectedAttention(nn.Cell):
         return _GATHER(_with_zero_row(x), plan["tile_queries"], 0).reshape(tiles, self.tile * self.group, dim)
 
     def _sum_over_slots(self, x, plan):
-        """``(R, tile*G, F)`` per tile row -> ``(C, H, F)``: each query's rows summed over its slots
-        (slot-major rows, then one matmul with a row of ones)."""
+        """``(R, tile*G, F)`` per tile row -> ``(C, H, F)`` float32: each query's rows summed over its
+        slots (slot-major rows, then one float32 matmul with a row of ones)."""
         dim = x.shape[2]
         count = self.count
         rows = plan["slots_from_tiles"].shape[0] // count  # Hkv * C
-        x = _GATHER(x.reshape(-1, self.group * dim), plan["slots_from_tiles"], 0).reshape(count, -1)
+        x = self.precision.stats(_GATHER(x.reshape(-1, self.group * dim), plan["slots_from_tiles"], 0))
+        x = x.reshape(count, -1)
         x = _MATMUL(_ONES_LIKE(x[:, :1]).reshape(1, count), x)
         chunk = rows // self.kv_heads
         return x.reshape(self.kv_heads, chunk, self.group, dim).transpose(1, 0, 2, 3).reshape(chunk, -1, dim)
@@ -480,8 +496,9 @@ class BlockMaskedSelectedAttention(nn.Cell):
     def __init__(self, config):
         super().__init__()
         self.block = config.select_block_size
-        self.masked = masked_score(config.ms_compute_dtype)
-        self.attention = MaskedAttention(config.scale)
+        self.precision = precision_of(config)
+        self.masked = masked_score(self.precision.softmax)
+        self.attention = MaskedAttention(config.scale, self.precision)
 
     def construct(self, q, k, v, key_segment, key_position, blocks, valid, segment, position):
         kv_heads, _, _ = q.shape
@@ -497,4 +514,4 @@ class BlockMaskedSelectedAttention(nn.Cell):
         causal = ops.logical_and(row_tiled(key_segment, rows) == column_tiled(segment, keys),
                                  row_tiled(key_position, rows) <= column_tiled(position, keys))
         visible = ops.logical_and(in_selected, causal.reshape(1, rows, keys))
-        return self.attention(q, k, v, visibility_bias(visible, dtype, self.masked))[0]
+        return self.attention(q, k, v, visibility_bias(visible, self.precision.softmax_storage, self.masked))[0]

@@ -6,6 +6,7 @@ from .attention import NativeSparseAttention
 from .gate import NSAGate
 from .input_checks import check_float_input, check_position_ids
 from .layout import positions_tensor, prefix_sums
+from .precision import ComputeDense, precision_of
 
 __all__ = ["NSASelfAttention"]
 
@@ -38,12 +39,13 @@ class NSASelfAttention(nn.Cell):
         self.config = config
         self.kv_sets = 3 if config.independent_kv else 1
         heads, kv_heads = config.num_heads, config.num_kv_heads
-        self.q_proj = nn.Dense(config.hidden_size, heads * config.head_dim, has_bias=False)
-        self.k_proj = nn.Dense(config.hidden_size, self.kv_sets * kv_heads * config.head_dim, has_bias=False)
-        self.v_proj = nn.Dense(config.hidden_size, self.kv_sets * kv_heads * config.v_head_dim, has_bias=False)
-        self.gate = NSAGate(config.hidden_size, heads)
+        precision = self.precision = precision_of(config)
+        self.q_proj = ComputeDense(config.hidden_size, heads * config.head_dim, False, precision)
+        self.k_proj = ComputeDense(config.hidden_size, self.kv_sets * kv_heads * config.head_dim, False, precision)
+        self.v_proj = ComputeDense(config.hidden_size, self.kv_sets * kv_heads * config.v_head_dim, False, precision)
+        self.gate = NSAGate(config.hidden_size, heads, precision)
         self.core = NativeSparseAttention(config)
-        self.out_proj = nn.Dense(heads * config.v_head_dim, config.hidden_size, has_bias=False)
+        self.out_proj = ComputeDense(heads * config.v_head_dim, config.hidden_size, False, precision)
         self.rotary = rotary
 
     def construct(self, hidden_states, actual_seq_len=None, position_ids=None):
@@ -68,16 +70,16 @@ class NSASelfAttention(nn.Cell):
         3-tuples with independent K/V."""
         cfg = self.config
         total = hidden_states.shape[0]
-        x = hidden_states.astype(cfg.ms_compute_dtype)
+        x = self.precision.hold(hidden_states)
         q = self.q_proj(x).reshape(total, cfg.num_heads, cfg.head_dim)
         # one (T, Hkv, D) per set: a split, not a strided slice k[:, i] (slow on CPU)
         keys = [part.reshape(total, cfg.num_kv_heads, cfg.head_dim)
                 for part in ops.split(self.k_proj(x), cfg.num_kv_heads * cfg.head_dim, 1)]
         values = [part.reshape(total, cfg.num_kv_heads, cfg.v_head_dim)
                   for part in ops.split(self.v_proj(x), cfg.num_kv_heads * cfg.v_head_dim, 1)]
-        if self.rotary is not None:
-            q = self.rotary(q, positions)
-            keys = [self.rotary(key, positions) for key in keys]
+        if self.rotary is not None:  # its result rounded to the compute dtype, where it is stored
+            q = self.precision.hold(self.rotary(q, positions))
+            keys = [self.precision.hold(self.rotary(key, positions)) for key in keys]
         if self.kv_sets == 3:
             return q, tuple(keys), tuple(values), self.gate(x)
         return q, keys[0], values[0], self.gate(x)

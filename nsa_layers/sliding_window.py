@@ -17,6 +17,7 @@ from .attention_math import (
     ungroup_outputs,
     visibility_bias,
 )
+from .precision import precision_of
 
 __all__ = ["SlidingWindowAttention", "window_chunk_size", "window_reach"]
 
@@ -99,7 +100,8 @@ class SlidingWindowAttention(nn.Cell):
         self.distance = Tensor(np.where(distance < 0, self.window, distance).astype(np.int32))
         self.query_rows = Tensor(np.arange(self.chunk, dtype=np.int32).reshape(-1, 1))
         self.key_rows = Tensor(np.arange(self.keys, dtype=np.int32).reshape(-1, 1))
-        self.masked = masked_score(config.ms_compute_dtype)
+        self.precision = precision_of(config)
+        self.masked = masked_score(self.precision.softmax)
         # the w - 1 rows in front of the first chunk's keys (masked: further back than any position)
         self.k_front = Tensor(np.zeros((self.window - 1, config.num_kv_heads, config.head_dim), np.float32))
         self.v_front = Tensor(np.zeros((self.window - 1, config.num_kv_heads, config.v_head_dim), np.float32))
@@ -114,31 +116,33 @@ class SlidingWindowAttention(nn.Cell):
         while j < q.shape[0] // self.chunk:
             rows = self.query_rows + j * self.chunk
             q_chunk, k_chunk, v_chunk, bias = self._chunk(q, k_rows, v_rows, position, j)
-            out_chunk = attention_forward(q_chunk, k_chunk, v_chunk, bias, self.scale)[0]
+            out_chunk = attention_forward(q_chunk, k_chunk, v_chunk, bias, self.scale, self.precision)[0]
             out = _SCATTER_UPDATE(out, rows, ungroup_outputs(out_chunk, self.chunk))
             j = j + 1
         return out[:total]
 
     def bprop(self, q, k, v, position, row_offset, out, dout):
         total = q.shape[0]
+        p = self.precision
         q, position = padded_rows(q, self.chunk), padded_rows(position, self.chunk)
         out, dout = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
         k_rows = self._key_rows(k, self.k_front, row_offset, q.shape[0])
         v_rows = self._key_rows(v, self.v_front, row_offset, q.shape[0])
-        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(k_rows), _ZEROS_LIKE(v_rows)
+        # a key row's gradient sums over the chunks that read it: float32 accumulators
+        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(p.stats(k_rows)), _ZEROS_LIKE(p.stats(v_rows))
         j = Tensor(0, ms.int32)
         while j < q.shape[0] // self.chunk:
             rows = self.query_rows + j * self.chunk
             q_chunk, k_chunk, v_chunk, bias = self._chunk(q, k_rows, v_rows, position, j)
-            probs = attention_probs(q_chunk, k_chunk, bias, self.scale)  # recomputed: the same as the forward's
+            probs = attention_probs(q_chunk, k_chunk, bias, self.scale, p)  # recomputed: the same as the forward's
             dq_chunk, dk_chunk, dv_chunk = attention_backward(
-                q_chunk, k_chunk, v_chunk, probs, self._grouped(out, rows), self._grouped(dout, rows), self.scale)
+                q_chunk, k_chunk, v_chunk, probs, self._grouped(out, rows), self._grouped(dout, rows), self.scale, p)
             key_rows = self.key_rows + j * self.chunk
             d_q = _SCATTER_UPDATE(d_q, rows, ungroup_outputs(dq_chunk, self.chunk))
-            d_k = _SCATTER_ADD(d_k, key_rows, dk_chunk.transpose(1, 0, 2))
-            d_v = _SCATTER_ADD(d_v, key_rows, dv_chunk.transpose(1, 0, 2))
+            d_k = _SCATTER_ADD(d_k, key_rows, p.stats(dk_chunk).transpose(1, 0, 2))
+            d_v = _SCATTER_ADD(d_v, key_rows, p.stats(dv_chunk).transpose(1, 0, 2))
             j = j + 1
-        return (d_q[:total], self._key_grad(d_k, k, row_offset), self._key_grad(d_v, v, row_offset),
+        return (d_q[:total], p.hold(self._key_grad(d_k, k, row_offset)), p.hold(self._key_grad(d_v, v, row_offset)),
                 _ZEROS_LIKE(position[:total]), 0)
 
     def _key_rows(self, x, front, row_offset, rows):
@@ -169,6 +173,6 @@ class SlidingWindowAttention(nn.Cell):
         # a key at distance 0 .. min(position, w - 1) rows back: in the window and, since the query's
         # segment starts `position` rows back, in its segment (no segment-id comparison)
         visible = self.distance <= column_tiled(reach, self.keys)
-        bias = visibility_bias(visible, q.dtype, self.masked).reshape(1, self.chunk, self.keys)
+        bias = visibility_bias(visible, self.precision.softmax_storage, self.masked).reshape(1, self.chunk, self.keys)
         return (self._grouped(q, rows), _GATHER(k_rows, key_rows, 0).transpose(1, 0, 2),
                 _GATHER(v_rows, key_rows, 0).transpose(1, 0, 2), bias)
