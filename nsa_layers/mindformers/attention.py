@@ -28,6 +28,7 @@ from ..attention import NativeSparseAttention
 from ..config import NSAConfig
 from ..layout import known_prefix_sums
 from ..parallel import NSACoreShard, check_tensor_parallel
+from .configuration import nsa_softmax_dtype
 
 __all__ = ["NSACoreAttention", "NSASelfAttentionSubmodules", "GPTNSASelfAttention", "GPTNSASelfAttentionContiguous",
            "PrefillRequest", "StepRequest", "prefill_request", "step_request"]
@@ -66,8 +67,8 @@ class NSACoreAttention(NativeSparseAttention):
 
     Args:
         config (TransformerConfig): gives ``hidden_size``, the heads (``num_attention_heads``,
-            ``num_query_groups``), the head size (``kv_channels``, used for keys and values) and
-            ``compute_dtype``.
+            ``num_query_groups``), the head size (``kv_channels``, used for keys and values),
+            ``compute_dtype`` and ``softmax_compute_dtype`` (NSA's ``softmax_dtype``).
         layer_number (int): the layer (kept for reference; every layer has its own parameters).
         **nsa_params: the NSA sizes, ``NSAConfig`` keyword arguments (``compress_block_size``, ...).
 
@@ -80,10 +81,12 @@ class NSACoreAttention(NativeSparseAttention):
 
     def __init__(self, config, layer_number=1, **nsa_params):
         heads = config.num_attention_heads
+        compute_dtype = _DTYPE_NAMES[config.compute_dtype]
         super().__init__(NSAConfig(
             hidden_size=config.hidden_size, num_heads=heads, num_kv_heads=config.num_query_groups or heads,
-            head_dim=config.kv_channels, v_head_dim=config.kv_channels,
-            compute_dtype=_DTYPE_NAMES[config.compute_dtype], **nsa_params))
+            head_dim=config.kv_channels, v_head_dim=config.kv_channels, compute_dtype=compute_dtype,
+            softmax_dtype=nsa_softmax_dtype(compute_dtype, _DTYPE_NAMES[config.softmax_compute_dtype]),
+            **nsa_params))
         self.layer_number = layer_number
         self.core_shard = None
         if _get_parallel_mode() == ParallelMode.SEMI_AUTO_PARALLEL:
@@ -125,7 +128,7 @@ class _NSAHostAttention:
         if not isinstance(self.core_attention, NativeSparseAttention):
             raise TypeError(f"{type(self).__name__}: the core_attention submodule must build a "
                             f"NativeSparseAttention (e.g. NSACoreAttention), got {type(self.core_attention).__name__}.")
-        self.gate = build_module(submodules.gate, self.hidden_size, self.num_heads)
+        self.gate = build_module(submodules.gate, self.hidden_size, self.num_heads, self.core_attention.precision)
         # the layer's NSAPrefill / NSADecodeStep while a cached generation runs (attach_decode_cells)
         self.nsa_prefill = None
         self.nsa_step = None

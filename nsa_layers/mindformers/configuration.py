@@ -31,11 +31,21 @@ def use_checkpoint_config(cfg, directory):
 # Q/K/V projection (as in a Qwen3 checkpoint) then feeds all three branches, and nothing new has to be
 # learnt from scratch except the gate and the compressors (initialised as mean pooling).
 _MODEL_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "v_head_dim", "compute_dtype",
-                 "softmax_scale")
+                 "softmax_dtype", "softmax_scale")
 NSA_CONFIG_KEYS = {
     "nsa_" + field.name: (False if field.name == "independent_kv" else field.default)
     for field in dataclasses.fields(NSAConfig) if field.name not in _MODEL_FIELDS
 }
+
+
+def nsa_softmax_dtype(compute_dtype, softmax_compute_dtype):
+    """MindFormers' ``softmax_compute_dtype`` as NSA's ``softmax_dtype`` (names of dtypes): float32, or
+    the compute dtype; ``ValueError`` for any other (NSA's scores are float32 or compute-dtype values)."""
+    if softmax_compute_dtype not in ("float32", compute_dtype):
+        raise ValueError(f"NSA attention: softmax_compute_dtype {softmax_compute_dtype!r} with compute_dtype "
+                         f"{compute_dtype!r} cannot be honoured: NSA computes its scores and softmax in float32 "
+                         f"(recommended) or in the compute dtype.")
+    return softmax_compute_dtype
 
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG, legacy=False, search_names="nsa_qwen3")
@@ -48,7 +58,8 @@ class NSAQwen3Config(Qwen3Config):
     three branches; True adds a projection for the compressed and window branches'
     K/V), ``nsa_use_position_embedding`` (True), ``nsa_query_chunk_size`` (512 queries per chunk),
     ``nsa_select_dense_rows`` (None: ``2 * n * l'``, see ``NSAConfig``).
-    Sizes are in tokens. Head sizes, GQA and the compute dtype come from the Qwen3 keys.
+    Sizes are in tokens. Head sizes, GQA, the compute dtype and the softmax dtype
+    (``softmax_compute_dtype``: float32, or the compute dtype) come from the Qwen3 keys.
 
     Raises ``ValueError`` at construction for an unknown ``nsa_*`` key or sizes ``NSAConfig`` rejects.
     The NSA keys are removed before MindFormers converts the config to its ``TransformerConfig``.
@@ -76,7 +87,9 @@ class NSAQwen3Config(Qwen3Config):
         kv_heads = self.num_key_value_heads or heads
         head_dim = self.head_dim or self.hidden_size // heads
         return NSAConfig(hidden_size=self.hidden_size, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                         v_head_dim=head_dim, compute_dtype=str(self.compute_dtype), **self.nsa_params())
+                         v_head_dim=head_dim, compute_dtype=str(self.compute_dtype),
+                         softmax_dtype=nsa_softmax_dtype(str(self.compute_dtype), str(self.softmax_compute_dtype)),
+                         **self.nsa_params())
 
     def convert_to_transformer_config(self, is_mla_model: bool = False):
         """MindFormers' ``TransformerConfig`` from the Qwen3 keys only (the NSA keys are not its fields)."""

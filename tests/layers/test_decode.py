@@ -9,6 +9,7 @@ import pytest
 from mindspore import Tensor
 
 from helpers import nsa_reference
+from helpers.common import UNIT_ROUNDOFF
 from helpers.nsa_cases import Case, small_config
 from nsa_layers import NSADecoder, NSAKVCache, NSASelfAttention, NSASelfAttentionDecoder, RotaryEmbedding
 
@@ -35,7 +36,8 @@ class Decoding:
         return case.tensors(q=case.q[rows], kv=kv, gates=case.gates[rows])
 
     def _collect(self, details, pieces):
-        arrays = {name: details[name].asnumpy() for name in FIELDS + ("blocks", "valid")}
+        arrays = {name: details[name].astype(ms.float32).asnumpy() for name in FIELDS}
+        arrays.update({name: details[name].asnumpy() for name in ("blocks", "valid")})
         row = 0
         for s, a, b in pieces:
             for name, array in arrays.items():
@@ -72,7 +74,9 @@ class Decoding:
 
     def check(self, sequence, near_ties=False):
         """The sequence's decoded rows against ``forward_with_details`` on the whole sequence alone:
-        every output to float32 rounding, blocks and valid exactly. With ``near_ties``, a (row, KV
+        every output to float32 rounding (in float16 / bfloat16: to two roundings of the compute dtype,
+        since a float32 difference in the last bit can round a stored value either way), blocks and
+        valid exactly. With ``near_ties``, a (row, KV
         head) whose blocks differ is accepted when the blocks swapped have the same float64 importance
         (a near-tie that float32 rounding decides either way); such rows are rare and their outputs
         are not compared (they attend to another block)."""
@@ -88,10 +92,12 @@ class Decoding:
             self._check_near_ties(sequence, length, flipped, blocks, expected_blocks)
         compared = np.setdiff1d(np.arange(length), flipped[:, 0]) if near_ties else np.arange(length)
         np.testing.assert_array_equal(blocks[compared], expected_blocks[compared])  # best first
+        dtype = self.case.cfg.compute_dtype
+        rel = 2e-5 if dtype == "float32" else 2 * UNIT_ROUNDOFF[dtype]
         for name in FIELDS:
-            expected = full[name].asnumpy()
+            expected = full[name].astype(ms.float32).asnumpy()
             scale = max(1.0, float(np.abs(expected).max()))
-            np.testing.assert_allclose(got[name][compared], expected[compared], rtol=0, atol=2e-5 * scale,
+            np.testing.assert_allclose(got[name][compared], expected[compared], rtol=0, atol=rel * scale,
                                        err_msg=name)
         return got, full
 
@@ -139,6 +145,17 @@ def test_decode_matches_forward_through_the_main_boundaries():
     at l' + 1 and at n * l', the same ragged steps."""
     got, _ = run_boundary_sweep(small_config(), False, (7, 17, 48), SMALL_STEPS, length=56, seed=1)[0]
     assert np.all(got["o_cmp"][:7] == 0)  # before the first window ends: exactly 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype_name", ("float16", "bfloat16"))
+def test_reduced_precision_decode_matches_its_forward(dtype_name):
+    """In float16 and bfloat16 the cache holds compute-dtype values and a decode equals the forward of
+    the same dtype as the float32 decode equals the float32 forward (to its rounding)."""
+    cfg = small_config(compute_dtype=dtype_name)
+    results = run_boundary_sweep(cfg, False, (7, 17, 48), SMALL_STEPS, length=56, seed=1, near_ties=True)
+    got, _ = results[0]
+    assert np.all(got["o_cmp"][:7] == 0)
 
 
 @pytest.mark.slow

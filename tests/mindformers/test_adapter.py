@@ -69,6 +69,8 @@ def test_layer_spec_keeps_stock_submodules_and_adds_the_gate():
     ("nsa_windw_size", 64, "unknown NSA key.*nsa_windw_size"),
     ("nsa_select_block_size", 6, "select_block_size \\(6\\) must be a multiple of compress_stride \\(4\\)"),
     ("nsa_window_size", 0, "'window_size' must be a positive int, but got 0"),
+    ("softmax_compute_dtype", "bfloat16", "softmax_compute_dtype 'bfloat16' with compute_dtype 'float32' cannot "
+                                          "be honoured"),
 ])
 def test_config_rejects_bad_nsa_keys_by_name(key, value, match):
     from nsa_layers.mindformers import NSAQwen3Config
@@ -77,6 +79,19 @@ def test_config_rejects_bad_nsa_keys_by_name(key, value, match):
     values[key] = value
     with pytest.raises(ValueError, match=match):
         NSAQwen3Config(**values)
+
+
+@pytest.mark.parametrize("compute, softmax", [("bfloat16", "float32"), ("bfloat16", "bfloat16")])
+def test_softmax_compute_dtype_reaches_the_nsa_core(compute, softmax):
+    """The model's compute dtype and ``softmax_compute_dtype`` become every core's, and its gate's."""
+    import mindspore as ms
+
+    net = build(tiny_config(compute_dtype=compute, softmax_compute_dtype=softmax))
+    dtypes = {"bfloat16": ms.bfloat16, "float32": ms.float32}
+    for layer in net.model.decoder.layers:
+        precision = layer.self_attention.core_attention.precision
+        assert (precision.compute, precision.softmax) == (dtypes[compute], dtypes[softmax])
+        assert layer.self_attention.gate.precision is precision
 
 
 def test_qwen3_parameter_names_and_shapes_are_kept():
