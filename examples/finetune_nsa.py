@@ -51,7 +51,8 @@ def parse_args(argv=None):
                         help="documents are the topics' paragraphs, merged up to this many bytes")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model_config key of the YAML, e.g. --set num_hidden_layers=4 "
-                             "--set nsa_window_size=128 (repeatable)")
+                             "--set nsa_window_size=128, or --set compute_dtype=bfloat16 for the production "
+                             "YAMLs' dtype (repeatable)")
     parser.add_argument("--out-dir", default=os.path.join("output", "finetune_nsa"),
                         help="where the training rows, the Trainer's logs and checkpoints, and the PNG go")
     parser.add_argument("--pretrained", default=None, metavar="DIR",
@@ -336,6 +337,15 @@ def continuation(net, prompt, new_tokens):
     return out[prompt.size:], (timing["steps"] - 1) / max(1e-9, timing["step_s"] - timing["first_step_s"])
 
 
+def describe_swaps(swaps):
+    """The model's CPU swaps in one short phrase (the bfloat16 casts counted, not listed)."""
+    held = [swap for swap in swaps if swap.endswith("(bfloat16 held in float32)")]
+    named = [swap for swap in swaps if swap not in held]
+    if held:
+        named.append(f"bfloat16 held in float32 by {len(held)} MindFormers cell types' casts")
+    return ", ".join(named) or "none"
+
+
 def import_mindformers(verbose):
     """Import MindFormers and the NSA adapter. Unless ``verbose``, MindFormers' console log keeps to
     errors from the start: its import warns about optional models it cannot import and its config
@@ -381,7 +391,7 @@ def main(argv=None):
           f"{sum(p.size for p in net.trainable_params())} parameters"
           f"{f' (Qwen3 weights from {args.pretrained})' if args.pretrained else ''}; NSA l={nsa.compress_block_size} "
           f"d={nsa.compress_stride} l'={nsa.select_block_size} n={nsa.select_block_count} w={nsa.window_size}; "
-          f"CPU swaps: {', '.join(net.cpu_swaps) or 'none'}")
+          f"{nsa.compute_dtype}; CPU swaps: {describe_swaps(net.cpu_swaps)}")
 
     seq_length, batch_size = int(model_cfg.seq_length), int(cfg.runner_config.batch_size)
     pad_id = int(model_cfg.pad_token_id if model_cfg.pad_token_id is not None else model_cfg.eos_token_id)

@@ -6,6 +6,12 @@ embedding's ``Outer``, the embedding's backward (``EmbeddingDenseBackward``) and
 device is CPU; nothing is patched globally. (The train wrapper's overflow status,
 ``NPUGetFloatStatusV2``, is the fourth: ``NSATrainOneStepCell`` reads ``on_cpu`` and checks with
 ``IsFinite`` instead.)
+
+A bfloat16 model (``compute_dtype: bfloat16``) meets the CPU's missing bfloat16 kernels everywhere
+(``nsa_layers.precision``): there the ``cast`` of every MindFormers cell is swapped for one that
+holds a bfloat16 result in float32 (rounded to bfloat16 and back), as the NSA layers hold theirs, so
+no bfloat16 tensor is made. MindFormers' layers then compute in float32 on bfloat16 operands and
+round at their next cast (on Ascend each op's result is bfloat16).
 """
 
 import mindspore as ms
@@ -16,14 +22,14 @@ from mindformers.parallel_core.training_graph.tensor_parallel.layers import (
     embedding_infer_shape,
 )
 from mindspore import nn, ops
+from mindspore.ops import constexpr
 from mindspore.ops import operations as P
+
+from ..precision import on_cpu
 
 __all__ = ["apply_cpu_swaps", "on_cpu"]
 
-
-def on_cpu():
-    """Whether MindSpore's device target is the CPU (the swaps below apply only then)."""
-    return ms.get_context("device_target") == "CPU"
+_CAST = P.Cast()
 
 
 class _OuterProduct(nn.Cell):
@@ -45,23 +51,40 @@ class _GatherEmbedding:
         return self.reshape(out, (bs, -1, weight.shape[1]))
 
 
+@constexpr
+def _held_dtype(dtype):
+    """The dtype a cast to ``dtype`` returns under the bfloat16 swap: float32 for bfloat16."""
+    return ms.float32 if dtype == ms.bfloat16 else dtype
+
+
+class _HeldCast(nn.Cell):
+    """``Cast(x, dtype)``, with a bfloat16 result held in float32: rounded to bfloat16 and back."""
+
+    def construct(self, x, dtype):
+        return _CAST(_CAST(x, dtype), _held_dtype(dtype))
+
+
 def _argmax(x, dim=-1):
     """``mint.argmax(x, dim)`` as the ``Argmax`` primitive (``ArgMaxExt`` has no CPU kernel)."""
     return P.Argmax(axis=dim, output_type=ms.int32)(x)
 
 
-def apply_cpu_swaps(network):
+def apply_cpu_swaps(network, bfloat16=False):
     """Swap the CPU-missing kernels inside a built MindFormers graph-mode model, in place.
 
     Rotary embeddings get a broadcast outer product; embeddings without tensor parallelism get an
-    ``ops.gather`` body; generation's greedy ``argmax`` gets the ``Argmax`` primitive. Returns the
-    names of the swapped attributes (each once).
+    ``ops.gather`` body; generation's greedy ``argmax`` gets the ``Argmax`` primitive; with
+    ``bfloat16`` (the model's compute dtype) every MindFormers cell's ``cast`` holds bfloat16 in
+    float32. Returns the names of the swapped attributes (each once).
     """
     done = []
     if hasattr(network, "argmax"):
         network.argmax = _argmax
         done.append("GenerationMixin.argmax")
     for _, cell in network.cells_and_names():
+        if bfloat16 and isinstance(getattr(cell, "cast", None), P.Cast):
+            cell.cast = _HeldCast()
+            done.append(f"{type(cell).__name__}.cast (bfloat16 held in float32)")
         if isinstance(cell, RotaryEmbedding):
             cell.outer = _OuterProduct()
             cell.outer_for_eod = _OuterProduct()

@@ -38,7 +38,8 @@ class NSAQwen3ForCausalLM(CachedGeneration, TrainingQwen3ForCausalLM):
     its compressed mask: NSA gets ``actual_seq_len`` in either layout and does not read the mask.
 
     On CPU the instance swaps of :func:`~nsa_layers.mindformers.apply_cpu_swaps` are applied (listed in
-    ``self.cpu_swaps``); on Ascend nothing is changed.
+    ``self.cpu_swaps``; with ``compute_dtype: bfloat16`` they include holding bfloat16 in float32, as
+    ``nsa_layers.precision`` does for the NSA layers); on Ascend nothing is changed.
 
     ``generate`` is MindFormers' own, with the NSA KV cache (``nsa_layers.mindformers.generation``;
     ``nsa_cache = False`` for the cache-free path).
@@ -82,7 +83,8 @@ class NSAQwen3ForCausalLM(CachedGeneration, TrainingQwen3ForCausalLM):
         # what MindFormers' register_hf_weight_template does, from the config without the NSA keys
         self.template = WeightTemplate(weight_converters=self.weight_converters)
         self.template.set_model_config(tc)
-        self.cpu_swaps = tuple(cpu.apply_cpu_swaps(self)) if cpu.on_cpu() else ()
+        bfloat16 = str(self.config.compute_dtype) == "bfloat16"
+        self.cpu_swaps = tuple(cpu.apply_cpu_swaps(self, bfloat16)) if cpu.on_cpu() else ()
         self.checks_prefix_sums = _get_parallel_mode() not in (ParallelMode.SEMI_AUTO_PARALLEL,
                                                                ParallelMode.AUTO_PARALLEL)
 

@@ -1,10 +1,12 @@
 """One ``mindformers.Trainer`` run of the tiny YAML (scaled down as ``helpers.mindformers.SMALL``), as
 its own process, the way ``run_mindformer.py`` runs: the rows go to a MindRecord file that the YAML's
 dataset reads, the YAML's optimizer, wrapper and callbacks train, checkpoints are saved every
-``--save-every`` steps. Prints one JSON line: ``{"losses": [...], "start_step": n, "unused": [...]}``.
+``--save-every`` steps. Prints one JSON line: ``{"losses": [...], "start_step": n, "unused": [...],
+"overflow": [...], "grad_norms": [...]}`` (the train wrapper's overflow flag and global gradient norm
+of each step).
 
     python trainer_run.py OUT_DIR --rows repeated|varied [--resume ITERATION_DIR] [--loader NAME]
-                          [--hf HF_DIR [--qkv-concat]]
+                          [--hf HF_DIR [--qkv-concat]] [--compute-dtype bfloat16]
 
 ``--hf`` starts from a Hugging Face checkpoint by MindFormers' legacy route (``load_checkpoint`` +
 ``load_ckpt_format: safetensors``, as the 32k YAML and MindFormers' finetune_qwen3.yaml do; sizes
@@ -16,6 +18,9 @@ import argparse
 import json
 import os
 import sys
+
+import numpy as np
+from mindspore.train import Callback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[0] = os.path.dirname(HERE)  # tests/, not tests/helpers (whose mindformers.py would shadow MindFormers)
@@ -50,6 +55,7 @@ def main():
     parser.add_argument("--loader", default="PackedMindRecordLoader")
     parser.add_argument("--hf", default=None, help="a Hugging Face Qwen3 directory, loaded by the legacy route")
     parser.add_argument("--qkv-concat", action="store_true")
+    parser.add_argument("--compute-dtype", default=None, help="the model_config's compute_dtype (YAML's otherwise)")
     args = parser.parse_args()
 
     from mindformers import Trainer
@@ -59,7 +65,7 @@ def main():
     from nsa_layers.data import write_mindrecord
     from nsa_layers.mindformers import NSAProgressBar
 
-    cfg = tiny_config()
+    cfg = tiny_config() if args.compute_dtype is None else tiny_config(compute_dtype=args.compute_dtype)
     cfg.output_dir = args.out_dir
     data_dir = os.path.join(args.out_dir, "data")
     os.makedirs(data_dir, exist_ok=True)
@@ -86,9 +92,25 @@ def main():
         cfg.lr_schedule.learning_rate = 0.0
     build_context(cfg)
     bar = NSAProgressBar(file=sys.stderr)
+    steps = StepOutputs()
     net = build(cfg)
-    Trainer(args=cfg, task="text_generation", model=net, callbacks=[bar]).train()
-    print(json.dumps({"losses": bar.losses, "start_step": bar.start_step, "unused": unused(net, args.hf)}))
+    Trainer(args=cfg, task="text_generation", model=net, callbacks=[bar, steps]).train()
+    print(json.dumps({"losses": bar.losses, "start_step": bar.start_step, "unused": unused(net, args.hf),
+                      "overflow": steps.overflow, "grad_norms": steps.grad_norms}))
+
+
+class StepOutputs(Callback):
+    """Each step's overflow flag and global gradient norm (the train wrapper's outputs ``(loss,
+    overflow, scaling_sens, learning_rate, global_norm)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.overflow, self.grad_norms = [], []
+
+    def on_train_step_end(self, run_context):
+        outputs = run_context.original_args().net_outputs
+        self.overflow.append(bool(np.asarray(outputs[1].asnumpy()).reshape(-1)[0]))
+        self.grad_norms.append(float(np.asarray(outputs[4].asnumpy()).reshape(-1)[0]))
 
 
 def unused(net, hf_dir):

@@ -92,6 +92,9 @@ def test_softmax_compute_dtype_reaches_the_nsa_core(compute, softmax):
         precision = layer.self_attention.core_attention.precision
         assert (precision.compute, precision.softmax) == (dtypes[compute], dtypes[softmax])
         assert layer.self_attention.gate.precision is precision
+    held = [swap for swap in net.cpu_swaps if swap.endswith(".cast (bfloat16 held in float32)")]
+    names = {swap.split(".")[0] for swap in held}
+    assert {"ColumnParallelLinear", "RMSNorm"} <= names if compute == "bfloat16" else not names
 
 
 def test_qwen3_parameter_names_and_shapes_are_kept():

@@ -41,6 +41,19 @@ def test_trainer_lowers_the_loss_and_a_resumed_run_continues_with_the_same_losse
 
 
 @pytest.mark.slow
+def test_bfloat16_trainer_run_on_cpu_lowers_the_loss_with_finite_gradients(tmp_path):
+    """The production dtype (``compute_dtype: bfloat16``, both production YAMLs') through the Trainer on
+    CPU: NSA's layers and MindFormers' hold bfloat16 in float32 there (``nsa_layers.precision``); the
+    repeated batch's loss falls, every loss is finite and no step overflows."""
+    run = _run(tmp_path / "bf16", "--rows", "repeated", "--steps", "4", "--save-every", "4",
+               "--compute-dtype", "bfloat16")
+    losses = np.array(run["losses"])
+    assert losses.shape == (4,) and np.isfinite(losses).all(), losses
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert run["overflow"] == [False] * 4 and np.isfinite(run["grad_norms"]).all() and min(run["grad_norms"]) > 0
+
+
+@pytest.mark.slow
 def test_rows_read_without_the_row_offsets_are_refused_before_compiling(tmp_path):
     """MindSpore's own MindDataset gives each row's own ends (MindFormers adds the offsets only for
     create_compressed_eod_mask): the first batch's host check names the row and the column."""
