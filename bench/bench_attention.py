@@ -75,7 +75,7 @@ def run_torch(total, layout, steps, shape):
 
 
 def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None, heads=HEADS, profile_dir=None,
-            query_chunks=None, shape="bench"):
+            query_chunks=None, shape="bench", compute_dtype="float32"):
     if impl == "torch":
         return run_torch(total, layout, steps, shape)
     import mindspore as ms  # pylint: disable=import-outside-toplevel
@@ -92,7 +92,7 @@ def run_one(impl, total, layout, steps, chunk, select_count=16, dense_rows=None,
         raise ValueError(f"the dense baselines take one KV head, shape {shape} has {kv_heads}")
     cfg = NSAConfig(hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                     v_head_dim=head_dim, window_size=512, query_chunk_size=chunk, independent_kv=False,
-                    select_block_count=select_count, select_dense_rows=dense_rows)
+                    select_block_count=select_count, select_dense_rows=dense_rows, compute_dtype=compute_dtype)
     ends = Tensor(np.cumsum(segment_lengths(total, layout)).astype(np.int32))
 
     class Dense(nn.Cell):
@@ -275,6 +275,8 @@ def main():
     parser.add_argument("--shape", default="bench", choices=sorted(SHAPES),
                         help="bench: hidden 256, 4 heads, 1 KV head, head_dim 64; qwen3-1.7b: 2048, 16, 8, 128")
     parser.add_argument("--steps", type=int, default=4, help="timed steps after compile and one warm-up")
+    parser.add_argument("--compute-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="NSA compute_dtype (on CPU bfloat16 is held in float32: slower, not the target)")
     parser.add_argument("--chunk", type=int, default=512, help="NSA query_chunk_size")
     parser.add_argument("--select-block-count", type=int, default=16, help="NSA n (blocks per query)")
     parser.add_argument("--select-dense-rows", type=int, default=None,
@@ -297,7 +299,8 @@ def main():
     if args.profile:
         impl, total, layout = args.profile
         print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk, args.select_block_count,
-                                 args.select_dense_rows, args.heads, profile_dir=args.profile_dir, shape=args.shape)))
+                                 args.select_dense_rows, args.heads, profile_dir=args.profile_dir, shape=args.shape,
+                                 compute_dtype=args.compute_dtype)))
         print_profile(args.profile_dir)
         return
     if args.query_chunks is not None and (not args.one or args.one[0] != "dense" or args.query_chunks < 1):
@@ -306,16 +309,18 @@ def main():
         impl, total, layout = args.one
         print(json.dumps(run_one(impl, int(total), layout, args.steps, args.chunk, args.select_block_count,
                                  args.select_dense_rows, args.heads, query_chunks=args.query_chunks,
-                                 shape=args.shape)))
+                                 shape=args.shape, compute_dtype=args.compute_dtype)))
         return
     options = ["--steps", str(args.steps), "--chunk", str(args.chunk), "--select-block-count",
-               str(args.select_block_count), "--heads", str(args.heads), "--shape", args.shape]  # every subprocess
+               str(args.select_block_count), "--heads", str(args.heads), "--shape", args.shape,
+               "--compute-dtype", args.compute_dtype]  # every subprocess
     if args.select_dense_rows is not None:
         options += ["--select-dense-rows", str(args.select_dense_rows)]
     hidden, heads, kv_heads, head_dim = SHAPES[args.shape]
     heads = args.heads if args.shape == "bench" else heads
     print(f"NSASelfAttention vs dense ({args.shape}): hidden {hidden}, {heads} heads, {kv_heads} KV heads, "
-          f"head_dim {head_dim}, l=32 d=16 l'=64 n={args.select_block_count}, window 512, NSA query chunk {args.chunk}"
+          f"head_dim {head_dim}, l=32 d=16 l'=64 n={args.select_block_count}, window 512, NSA query chunk {args.chunk}, "
+          f"{args.compute_dtype}"
           + (f", select_dense_rows {args.select_dense_rows}" if args.select_dense_rows is not None else "")
           + "; forward+backward, mindspore.jit; "
           "step time s (peak MB)\n")

@@ -9,10 +9,10 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from helpers.common import run
+from helpers.common import random_normal, run
 from helpers.nsa_cases import BRANCHES, Case, as_numpy, assert_selection_equivalent, small_config
 from helpers.reference import round_to
-from helpers.rounding_bounds import forward_bounds, selection_tie_rtol, worst_ratio
+from helpers.rounding_bounds import forward_bounds, gradient_bounds, selection_tie_rtol, worst_ratio
 from nsa_layers import NativeSparseAttention, NSAConfig, NSAKVCache, precision
 from nsa_layers.decode import DETAIL_FIELDS
 
@@ -82,6 +82,53 @@ def test_forward_within_the_derived_bounds_on_random_layouts(dtype_name, mode, s
     lengths = [int(x) for x in rng.integers(0, 60, size=5)] + [int(rng.integers(60, 130))]
     case = rounded_case(dtype_name, lengths, seed=seed, query_chunk_size=32, select_dense_rows=40)
     ratios, _ = check_within_bounds(case, dtype_name, mode)
+    assert max(ratios.values()) <= 1.0, ratios
+
+
+def check_gradients_within_bounds(case, dtype_name, mode="pynative"):
+    """The gradients of ``sum(out * target)`` with respect to queries, every branch's keys and values,
+    the gates and the compressor parameters, each within its bound (``gradient_bounds``); returns the
+    worst error / bound ratio of each."""
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    from mindspore import Tensor  # pylint: disable=import-outside-toplevel
+
+    net, cfg = case.net, case.cfg
+    target = random_normal(np.random.default_rng(5), (case.q.shape[0], cfg.num_heads, cfg.v_head_dim))
+    q, k, v, gates = case.tensors()
+    params = [net.k_compressor.weight, net.v_compressor.weight] + (
+        [net.v_compressor.position_embedding] if cfg.use_position_embedding else [])
+
+    def loss(q_, k_cmp, k_slc, k_win, v_cmp, v_slc, v_win, g_):
+        out = net(q_, (k_cmp, k_slc, k_win), (v_cmp, v_slc, v_win), g_, case.prefix)
+        return (out.astype(ms.float32) * Tensor(target)).sum()
+
+    grad_fn = ms.grad(loss, grad_position=tuple(range(8)), weights=params)
+    inputs, weights = run(mode, grad_fn, q, *k, *v, gates)
+    names = ["q", "k_cmp", "k_slc", "k_win", "v_cmp", "v_slc", "v_win", "gates", "w_k", "w_v", "pe_v"]
+    got = dict(zip(names, [x.astype(ms.float32).asnumpy() for x in list(inputs) + list(weights)]))
+    selected = as_numpy(net.forward_with_details(q, k, v, gates, case.prefix))[2]
+    want, bounds = gradient_bounds(case.q, case.kv, case.gates, case.prefix, vars(cfg), case.weights, cfg.scale,
+                                   selected, target, dtype_name)
+    return {name: worst_ratio(got[name], want[name], bounds[name]) for name in want}
+
+
+@pytest.mark.parametrize("dtype_name", [pytest.param("float16", marks=pytest.mark.slow), "bfloat16"])
+def test_gradients_within_the_derived_bounds(dtype_name):
+    """Input and parameter gradients of every branch, through the gated sum and the compressor."""
+    case = rounded_case(dtype_name, [70, 0, 5, 51], seed=22)
+    ratios = check_gradients_within_bounds(case, dtype_name)
+    assert max(ratios.values()) <= 1.0, ratios
+    assert max(ratios.values()) > 0.01, ratios
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_gradients_within_the_derived_bounds_on_random_layouts(dtype_name, mode):
+    rng = np.random.default_rng(33)
+    lengths = [int(x) for x in rng.integers(0, 60, size=4)] + [int(rng.integers(60, 130))]
+    case = rounded_case(dtype_name, lengths, seed=33, query_chunk_size=32, select_dense_rows=40)
+    ratios = check_gradients_within_bounds(case, dtype_name, mode)
     assert max(ratios.values()) <= 1.0, ratios
 
 
