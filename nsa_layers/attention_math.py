@@ -162,8 +162,9 @@ def attention_backward(q, k, v, probs, out, d_out, scale, precision=FLOAT32):
     That reduction is :func:`row_dot` (a matmul with a column of ones).
     When the query rows outnumber ``Dv``, that row term is subtracted inside the ``dP`` matmul (``dO``
     gets the column ``-dO.O``, ``v`` a column of ones), else it is tiled over the keys: no broadcast.
-    ``dP``, the row term and the score gradient are in the softmax dtype; the score gradient (scaled)
-    is rounded to the compute dtype for the ``d_q`` / ``d_k`` matmuls, as FlashAttention's backward does.
+    ``dP``, the row term and the score gradient are in the softmax dtype; the score gradient is
+    rounded to the compute dtype for the ``d_q`` / ``d_k`` matmuls, as FlashAttention's backward does
+    (the scale goes on the smaller operands: ``q`` and ``d_q``).
     """
     p = precision
     batch, grouped, _ = q.shape
@@ -175,8 +176,8 @@ def attention_backward(q, k, v, probs, out, d_out, scale, precision=FLOAT32):
         d_probs = _BMM_TRANSPOSE_B(_CONCAT_LAST((d_out_s, -row_term)), _CONCAT_LAST((v_s, _ONES_LIKE(v_s[:, :, :1]))))
     else:
         d_probs = p.held_scores(_BMM_TRANSPOSE_B(d_out_s, v_s)) - _TILE(row_term, (1, 1, keys))
-    d_scores = p.hold_probs(p.held_scores(probs * p.held_scores(d_probs)) * scale)  # per unit of score
-    return (p.held(_BMM(d_scores, k)), p.held(_BMM_TRANSPOSE_A(d_scores, q)),
+    d_scores = p.hold_probs(p.held_scores(probs * p.held_scores(d_probs)))  # per unit of scaled score
+    return (p.held(p.held(_BMM(d_scores, k)) * scale), p.held(_BMM_TRANSPOSE_A(d_scores, p.held(q * scale))),
             p.held(_BMM_TRANSPOSE_A(p.hold_probs(probs), d_out)))
 
 

@@ -404,11 +404,12 @@ class BlockGroupedSelectedAttention(nn.Cell):
                 row_term = p.held_scores(row_dot(d_out_s, out_s))
                 d_probs = p.held_scores(_BMM_TRANSPOSE_B(d_out_s, p.score_operand(v_tiles)))
                 d_probs = d_probs - _TILE(row_term, (1, 1, self.block))
-                d_scores = p.hold_probs(p.held_scores(probs * d_probs) * self.scale)
+                d_scores = p.hold_probs(p.held_scores(probs * d_probs))  # per unit of scaled score
                 tiles = k_tiles.shape[0]
-                d_q = _SCATTER_UPDATE(d_q, rows, p.hold(self._sum_over_slots(p.held(_BMM(d_scores, k_tiles)), plan)))
-                d_k = d_k + _SEGMENT_SUM(p.stats(p.held(_BMM_TRANSPOSE_A(d_scores, q_tiles))).reshape(tiles, -1),
-                                         plan["tile_blocks"], k_blocks.shape[0])
+                d_q_rows = self._sum_over_slots(p.held(_BMM(d_scores, k_tiles)), plan) * self.scale
+                d_q = _SCATTER_UPDATE(d_q, rows, p.hold(d_q_rows))
+                d_k_tiles = p.stats(p.held(_BMM_TRANSPOSE_A(d_scores, p.hold(q_tiles))))
+                d_k = d_k + _SEGMENT_SUM(d_k_tiles.reshape(tiles, -1), plan["tile_blocks"], k_blocks.shape[0])
                 d_v = d_v + _SEGMENT_SUM(
                     p.stats(p.held(_BMM_TRANSPOSE_A(p.hold_probs(probs), d_out_tiles))).reshape(tiles, -1),
                     plan["tile_blocks"], v_blocks.shape[0])
@@ -429,8 +430,8 @@ class BlockGroupedSelectedAttention(nn.Cell):
 
     def _tiles(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, rows, num_blocks):
         """The plan of the chunk at ``rows`` over its first ``num_blocks`` block slots and its tiles:
-        queries, keys, values ``(R, ., .)`` and the probabilities ``(R, tile*G, l')`` in the softmax
-        dtype (0 on padding rows)."""
+        queries (scaled, in the softmax dtype), keys, values ``(R, ., .)`` and the probabilities
+        ``(R, tile*G, l')`` in the softmax dtype (0 on padding rows)."""
         p = self.precision
         flat = rows.reshape(-1)
         chosen = _GATHER(blocks, flat, 0).transpose(1, 0, 2)
@@ -442,9 +443,8 @@ class BlockGroupedSelectedAttention(nn.Cell):
         tiles = plan["tile_blocks"].shape[0]
         k_tiles = _GATHER(k_blocks, plan["tile_blocks"], 0).reshape(tiles, self.block, dim)
         v_tiles = _GATHER(v_blocks, plan["tile_blocks"], 0).reshape(tiles, self.block, -1)
-        q_tiles = self._to_tiles(_GATHER(q, flat, 0), plan)
-        scores = _BMM_TRANSPOSE_B(p.held_scores(p.score_operand(q_tiles) * self.scale), p.score_operand(k_tiles))
-        scores = p.held_scores(scores).reshape(-1, self.block)
+        q_tiles = self._to_tiles(p.held_scores(p.score_operand(_GATHER(q, flat, 0)) * self.scale), plan)
+        scores = p.held_scores(_BMM_TRANSPOSE_B(q_tiles, p.score_operand(k_tiles))).reshape(-1, self.block)
         # the softmax over each (query, head)'s k * l' keys, in rows of those keys (every row has a tile row)
         scores = _GATHER(scores, plan["softmax_from_tiles"], 0)
         scores = scores.reshape(kv_heads * chunk, self.group, count * self.block)
