@@ -34,6 +34,7 @@ def test_no_swap_off_cpu(monkeypatch):
     )
 
     import nsa_layers.mindformers.cpu as cpu
+    from nsa_layers import precision
 
     def swapped(net):
         rotary = [cell for _, cell in net.cells_and_names() if isinstance(cell, RotaryEmbedding)]
@@ -42,8 +43,12 @@ def test_no_swap_off_cpu(monkeypatch):
 
     assert all(swapped(build(tiny_config())))          # on this CPU machine: swapped
     monkeypatch.setattr(cpu, "on_cpu", lambda: False)  # as on Ascend: untouched
+    monkeypatch.setattr(precision, "on_cpu", lambda: False)
     net = build(tiny_config())
     assert net.cpu_swaps == () and not any(swapped(net))
+    net = build(tiny_config(compute_dtype="bfloat16"))  # nor bfloat16 held in float32, in the cores either
+    assert net.cpu_swaps == () and not any(swapped(net))
+    assert all(layer.self_attention.core_attention.precision.swaps == () for layer in net.model.decoder.layers)
 
 
 def test_layer_spec_keeps_stock_submodules_and_adds_the_gate():
