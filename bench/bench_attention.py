@@ -319,8 +319,8 @@ def main():
     hidden, heads, kv_heads, head_dim = SHAPES[args.shape]
     heads = args.heads if args.shape == "bench" else heads
     print(f"NSASelfAttention vs dense ({args.shape}): hidden {hidden}, {heads} heads, {kv_heads} KV heads, "
-          f"head_dim {head_dim}, l=32 d=16 l'=64 n={args.select_block_count}, window 512, "
-          f"NSA query chunk {args.chunk}, {args.compute_dtype}"
+          f"head_dim {head_dim}, l=32 d=16 l'=64 n={args.select_block_count}, window 512, {args.compute_dtype}, "
+          f"NSA query chunk {args.chunk}"
           + (f", select_dense_rows {args.select_dense_rows}" if args.select_dense_rows is not None else "")
           + "; forward+backward, mindspore.jit; "
           "step time s (peak MB)\n")
