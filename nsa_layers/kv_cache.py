@@ -43,7 +43,8 @@ class NSAKVCache(nn.Cell):
     - ``lengths``: ``(B,)`` int32 tokens stored per slot.
 
     Every row index a reader or writer needs comes from the methods below (``history_rows``,
-    ``window_rows``, ``tail_rows``, ``compressed_rows``, each ``(...)`` -> ``(..., Hkv)``), and
+    ``window_rows``, ``tail_rows``, ``compressed_rows``, each ``(...)`` -> ``(..., Hkv)``, and
+    ``history_rows_by_head`` where each KV head reads its own positions), and
     :meth:`read` / :meth:`write` move the rows.
 
     Keys are stored as the branches take them: after the rotary hook of ``NSASelfAttention``

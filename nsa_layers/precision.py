@@ -75,6 +75,7 @@ class Precision:
         compute: ``c``. storage: the dtype of the tensors that hold ``c`` values (``c``, or float32
         for bfloat16 on CPU). emulated: whether bfloat16 is held in float32 (the CPU swap).
         softmax: the dtype of the scores and probabilities (``STATS_DTYPE`` or ``c``).
+        softmax_storage: the dtype of the tensors holding them (and their additive masks).
 
     Functions (each an identity where it has nothing to do):
         hold(x): any float tensor -> ``c`` values in ``storage`` (a cast, rounding).
