@@ -62,6 +62,8 @@ class NativeSparseAttention(nn.Cell):
             (``nsa_layers.precision``: values in the compute dtype, statistics in float32).
         own_parameters (bool): False builds the compressors without parameters: every forward then
             passes them (``compressors``), as one rank of a sharded core does (``nsa_layers.parallel``).
+        precision (Precision, optional): the enclosing layer's; default decided from ``config``. Every
+            cell of the core takes this one.
 
     Inputs:
         q (Tensor): ``(T, H, Dq)``.
@@ -90,19 +92,19 @@ class NativeSparseAttention(nn.Cell):
     intra-block position embedding, see ``NSAConfig.use_position_embedding``).
     """
 
-    def __init__(self, config, own_parameters=True):
+    def __init__(self, config, own_parameters=True, precision=None):
         super().__init__()
         self.config = config
-        self.precision = precision_of(config)
+        self.precision = precision_of(config, precision)
         # keys get no intra-block position embedding: it would be inert (see NSAConfig.use_position_embedding)
         self.k_compressor = KVCompressor(config.compress_block_size, config.num_kv_heads, config.head_dim,
                                          use_position_embedding=False, own_parameters=own_parameters,
                                          precision=self.precision)
         self.v_compressor = KVCompressor(config.compress_block_size, config.num_kv_heads, config.v_head_dim,
                                          config.use_position_embedding, own_parameters, self.precision)
-        self.compressed_attention = CompressedAttention(config)
-        self.selected_attention = SelectedAttention(config)
-        self.sliding_window = SlidingWindowAttention(config)
+        self.compressed_attention = CompressedAttention(config, self.precision)
+        self.selected_attention = SelectedAttention(config, self.precision)
+        self.sliding_window = SlidingWindowAttention(config, self.precision)
         self.gated_sum = GatedSum(self.precision)
 
     def branch_paths(self, total, actual_seq_len=None):

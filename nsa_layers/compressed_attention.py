@@ -66,6 +66,7 @@ class CompressedAttention(nn.Cell):
 
     Args:
         config (NSAConfig): sizes.
+        precision (Precision, optional): the enclosing layer's; default decided from ``config``.
 
     Inputs:
         q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks; the padding sees no window).
@@ -80,7 +81,7 @@ class CompressedAttention(nn.Cell):
         through the selection.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, precision=None):
         super().__init__()
         self.chunk = config.query_chunk_size
         self.kv_heads = config.num_kv_heads
@@ -88,7 +89,7 @@ class CompressedAttention(nn.Cell):
         self.stride = config.compress_stride
         self.count = config.select_block_count
         self.scale = config.scale
-        self.precision = precision_of(config)
+        self.precision = precision_of(config, precision)
         self.masked = masked_score(self.precision.softmax)
         self.selector = BlockSelector(config)
         self.query_rows = Tensor(np.arange(self.chunk, dtype=np.int32).reshape(-1, 1))

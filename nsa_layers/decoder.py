@@ -29,7 +29,7 @@ class NSADecoder:
 
     def __init__(self, core, batch_slots, max_len, max_step_tokens=1, name=None):
         self.core = core
-        self.cache = NSAKVCache(core.config, batch_slots, max_len, max_step_tokens, name)
+        self.cache = NSAKVCache(core.config, batch_slots, max_len, max_step_tokens, name, core.precision)
         self.prefill_cell = NSAPrefill(core, self.cache)
         self.step_cell = NSADecodeStep(core, self.cache)
 

@@ -61,11 +61,13 @@ class NSAKVCache(nn.Cell):
         max_step_tokens (int): most tokens a slot takes in one decode step (sizes the rings).
         name (str, optional): prefix of the buffers' parameter names (``{name}.k_selected``, ...),
             unique in a graph; default ``nsa_cache_{i}`` with ``i`` counting the caches made.
+        precision (Precision, optional): the layer's (it decides the storage dtype); default decided
+            from ``config``.
     """
 
     _made = itertools.count()
 
-    def __init__(self, config, batch_slots, max_len, max_step_tokens=1, name=None):
+    def __init__(self, config, batch_slots, max_len, max_step_tokens=1, name=None, precision=None):
         super().__init__(auto_prefix=False)
         for argument, value in (("batch_slots", batch_slots), ("max_len", max_len),
                                 ("max_step_tokens", max_step_tokens)):
@@ -76,7 +78,7 @@ class NSAKVCache(nn.Cell):
         self.batch_slots, self.max_len, self.max_step_tokens = batch_slots, max_len, max_step_tokens
         self.kv_heads = config.num_kv_heads
         # values in the compute dtype, as the layer holds them (float32 tensors for bfloat16 on CPU)
-        self.storage = precision_of(config).storage
+        self.storage = precision_of(config, precision).storage
         self.windows = compressed_rows(max_len, config.compress_block_size, config.compress_stride)
         self.independent_kv = config.independent_kv
         dims = {"k": config.head_dim, "v": config.v_head_dim}

@@ -119,9 +119,10 @@ class Precision:
 FLOAT32 = Precision(ms.float32, cpu=False)
 
 
-def precision_of(config):
-    """The :class:`Precision` of a layer of ``config`` (``NSAConfig``) on the current device."""
-    return Precision(config.ms_compute_dtype, config.ms_softmax_dtype)
+def precision_of(config, precision=None):
+    """The :class:`Precision` of a layer of ``config`` (``NSAConfig``) on the current device, or
+    ``precision`` when the enclosing layer has decided it (one decision per layer)."""
+    return Precision(config.ms_compute_dtype, config.ms_softmax_dtype) if precision is None else precision
 
 
 class ComputeDense(nn.Dense):

@@ -231,6 +231,7 @@ class SelectedAttention(nn.Cell):
 
     Args:
         config (NSAConfig): sizes.
+        precision (Precision, optional): the enclosing layer's; default decided from ``config``.
 
     Inputs:
         q (Tensor): ``(Tq, H, Dq)``; k, v (Tensor): ``(T, Hkv, Dq)`` and ``(T, Hkv, Dv)``, the keys'
@@ -243,13 +244,13 @@ class SelectedAttention(nn.Cell):
         Tensor ``(Tq, H, Dv)``.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, precision=None):
         super().__init__()
         self.chunk = config.query_chunk_size
         self.dense_rows = config.select_dense_rows
         self.kv_heads = config.num_kv_heads
-        self.block_masked = BlockMaskedSelectedAttention(config)
-        self.block_grouped = BlockGroupedSelectedAttention(config)
+        self.block_masked = BlockMaskedSelectedAttention(config, precision)
+        self.block_grouped = BlockGroupedSelectedAttention(config, precision)
 
     def construct(self, q, k, v, blocks, valid, layout, queries):
         chunk = self.chunk
@@ -323,6 +324,7 @@ class BlockGroupedSelectedAttention(nn.Cell):
 
     Args:
         config (NSAConfig): sizes.
+        precision (Precision, optional): the enclosing layer's; default decided from ``config``.
 
     Inputs:
         q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks; the padding selects nothing).
@@ -336,7 +338,7 @@ class BlockGroupedSelectedAttention(nn.Cell):
         Tensor ``(T, H, Dv)``.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, precision=None):
         super().__init__()
         self.block = config.select_block_size
         self.chunk = config.query_chunk_size
@@ -346,7 +348,7 @@ class BlockGroupedSelectedAttention(nn.Cell):
         self.count = config.select_block_count
         self.scale = config.scale
         self.tile = tile_pairs(config.group_size)
-        self.precision = precision_of(config)
+        self.precision = precision_of(config, precision)
         # row r: 0 for key offsets < r, masked from r on (a slot whose last visible offset is r - 1)
         offsets = np.arange(self.block)
         self.bias_table = Tensor(np.where(offsets.reshape(1, -1) < np.arange(self.block + 1).reshape(-1, 1), 0.0,
@@ -481,6 +483,7 @@ class BlockMaskedSelectedAttention(nn.Cell):
 
     Args:
         config (NSAConfig): sizes.
+        precision (Precision, optional): the enclosing layer's; default decided from ``config``.
 
     Inputs:
         q (Tensor): ``(Hkv, G*C, Dq)`` grouped queries of a chunk (``attention_math.group_queries``).
@@ -493,10 +496,10 @@ class BlockMaskedSelectedAttention(nn.Cell):
         Tensor ``(Hkv, G*C, Dv)``.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, precision=None):
         super().__init__()
         self.block = config.select_block_size
-        self.precision = precision_of(config)
+        self.precision = precision_of(config, precision)
         self.masked = masked_score(self.precision.softmax)
         self.attention = MaskedAttention(config.scale, self.precision)
 

@@ -44,7 +44,7 @@ class NSASelfAttention(nn.Cell):
         self.k_proj = ComputeDense(config.hidden_size, self.kv_sets * kv_heads * config.head_dim, False, precision)
         self.v_proj = ComputeDense(config.hidden_size, self.kv_sets * kv_heads * config.v_head_dim, False, precision)
         self.gate = NSAGate(config.hidden_size, heads, precision)
-        self.core = NativeSparseAttention(config)
+        self.core = NativeSparseAttention(config, precision=precision)
         self.out_proj = ComputeDense(heads * config.v_head_dim, config.hidden_size, False, precision)
         self.rotary = rotary
 

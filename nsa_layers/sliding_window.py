@@ -76,6 +76,7 @@ class SlidingWindowAttention(nn.Cell):
 
     Args:
         config (NSAConfig): sizes (``window_size``, ``query_chunk_size``, heads and head dims).
+        precision (Precision, optional): the enclosing layer's; default decided from ``config``.
 
     Inputs:
         q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks; the padding sees only itself).
@@ -87,7 +88,7 @@ class SlidingWindowAttention(nn.Cell):
         Tensor ``(T, H, Dv)``.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, precision=None):
         super().__init__()
         self.window = config.window_size
         self.chunk = window_chunk_size(config)
@@ -100,7 +101,7 @@ class SlidingWindowAttention(nn.Cell):
         self.distance = Tensor(np.where(distance < 0, self.window, distance).astype(np.int32))
         self.query_rows = Tensor(np.arange(self.chunk, dtype=np.int32).reshape(-1, 1))
         self.key_rows = Tensor(np.arange(self.keys, dtype=np.int32).reshape(-1, 1))
-        self.precision = precision_of(config)
+        self.precision = precision_of(config, precision)
         self.masked = masked_score(self.precision.softmax)
         # the w - 1 rows in front of the first chunk's keys (masked: further back than any position)
         self.k_front = Tensor(np.zeros((self.window - 1, config.num_kv_heads, config.head_dim), np.float32))

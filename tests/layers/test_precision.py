@@ -160,6 +160,7 @@ def test_the_cpu_swap_is_decided_once_and_never_on_ascend(monkeypatch):
     on_cpu = NativeSparseAttention(bf16)
     assert on_cpu.precision.swaps and all(p.emulated and p.storage == precision.STATS_DTYPE
                                           for p in precisions(on_cpu))
+    assert all(p is on_cpu.precision for p in precisions(on_cpu))  # decided once, by the core
     assert NSAKVCache(bf16, 1, 64).k_selected.dtype == ms.float32
     for dtype_name in ("float16", "float32"):
         assert not NativeSparseAttention(NSAConfig(compute_dtype=dtype_name, **sizes)).precision.swaps
