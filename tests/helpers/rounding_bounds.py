@@ -72,14 +72,13 @@ def forward_bounds(q, kv, gates, prefix, cfg, weights, scale, selected, dtype_na
     return out, branches, bounds
 
 
-def selection_tie_rtol(q, k, w_k, cfg, scale, dtype_name):
+def selection_tie_rtol(q, k, w_k, prefix, cfg, scale, dtype_name):
     """The relative gap between two blocks' importances that the dtype cannot resolve: importances are
     sums of compressed probabilities, which move by up to ``2E`` (``E`` as above, here its largest
     value over all rows), so two blocks may swap within ``4E``."""
-    block, dq = cfg["compress_block_size"], q.shape[2]
-    phi_max = np.abs(w_k).sum(0).max() * np.abs(k).max()
-    a = scale * np.abs(q).sum(-1).max() * phi_max
-    e_max = (UNIT_ROUNDOFF[dtype_name] + (block + 2) * U32) * a + (dq + 2) * U32 * a
+    q_abs = np.abs(np.asarray(q, np.float64))
+    e_max = _compressed_score_error(q_abs, k, w_k, prefix, cfg["compress_block_size"], cfg["compress_stride"], scale,
+                                    q.shape[2], UNIT_ROUNDOFF[dtype_name]).max()
     return SECOND_ORDER * 4 * e_max + 1e-6
 
 

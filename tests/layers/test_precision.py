@@ -68,8 +68,8 @@ def test_forward_within_the_derived_bounds(dtype_name):
     # the bounds are not vacuous: the errors use a good part of them (an exact float32 run would not)
     assert max(ratios.values()) > 0.01, ratios
     _, _, ref_selected, importance = case.reference()
-    rtol = selection_tie_rtol(case.q, case.kv["cmp"][0], case.weights["w_k"], vars(case.cfg), case.cfg.scale,
-                              dtype_name)
+    rtol = selection_tie_rtol(case.q, case.kv["cmp"][0], case.weights["w_k"], case.prefix, vars(case.cfg),
+                              case.cfg.scale, dtype_name)
     assert_selection_equivalent(selected, ref_selected, importance, rtol=rtol)
 
 
