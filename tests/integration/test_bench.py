@@ -149,3 +149,22 @@ def test_bench_decode_runs_and_prints_its_table(tmp_path):
         assert cells[1] == str(batch) and cells[4].endswith("x"), row
         dense_ms, nsa_ms, dense_mb, nsa_mb = float(cells[2]), float(cells[3]), float(cells[5]), float(cells[6])
         assert dense_ms > 0 and nsa_ms > 0 and nsa_mb >= dense_mb > 0, row
+
+
+@pytest.mark.slow
+def test_bench_unit_runs_and_prints_its_table(tmp_path):
+    """The unit-test-size benchmark at a tiny T: the PyNative row and the graph rows, every number parsed,
+    with profiler kernel counts on the step rows."""
+    script = BENCH.parent / "bench_unit.py"
+    command = [sys.executable, str(script), "--lengths", "40", "--steps", "1", "--profile-dir", str(tmp_path / "p")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.stdout.splitlines()
+            if line.startswith("| 40 |")]
+    assert [row[1] for row in rows] == ["pynative", "graph", "graph"], result.stdout
+    for row in rows:
+        counted = "first call" not in row[2]
+        for cell in row[3:5]:
+            seconds, *kernels = cell.split(" ")
+            assert float(seconds) > 0 and (int(kernels[0].strip("()")) > 0 if counted else not kernels), row
+        assert float(row[5].rstrip("x")) > 0, row
