@@ -9,12 +9,13 @@ Shapes: a chunk of ``C`` queries ``(C, H, D)`` with ``H = Hkv * G`` heads, head 
 
 import mindspore as ms
 from mindspore import nn, ops
+from mindspore.ops import constexpr
 
 from .precision import FLOAT32
 
-__all__ = ["MASKED", "masked_score", "index_range", "chunk_buckets", "padded_rows", "group_queries", "ungroup_outputs",
-           "visibility_bias", "column_tiled", "row_tiled", "row_dot", "attention_forward", "attention_probs",
-           "attention_backward", "MaskedAttention"]
+__all__ = ["MASKED", "masked_score", "index_range", "LOOP_BUCKETS", "chunk_buckets", "has_loops", "padded_rows",
+           "group_queries", "ungroup_outputs", "visibility_bias", "column_tiled", "row_tiled", "row_dot",
+           "attention_forward", "attention_probs", "attention_backward", "MaskedAttention"]
 
 # Primitives, not ops.* functions, in what a graph-mode bprop calls: MindSpore 2.9 fails to compile
 # many ops.* functions there (their Python branches). A branch on static shapes compiles in a function
@@ -66,17 +67,25 @@ def padded_rows(x, multiple):
     return _CONCAT_ROWS((flat, _TILE(_ZEROS_LIKE(flat[:1]), (pad, 1)))).reshape((total + pad,) + x.shape[1:])
 
 
-# query chunks per graph loop of a branch whose per-chunk work grows along the sequence
-_BUCKETS = 4
+# graph loops (buckets of consecutive query chunks) of a branch whose per-chunk work grows along the sequence
+LOOP_BUCKETS = 4
 
 
-def chunk_buckets(first, last, count=_BUCKETS):
+def chunk_buckets(first, last, count=LOOP_BUCKETS):
     """Chunk indices ``first .. last - 1`` cut into at most ``count`` consecutive ``(first, last)``
     ranges of nearly equal size (static Python; one graph loop each)."""
     chunks = last - first
     parts = count if count < chunks else chunks
     bounds = [first + chunks * i // parts for i in range(parts + 1)] if parts else [first, first]
     return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+
+
+@constexpr
+def has_loops(buckets):
+    """Whether any of the static ``(first, last, ...)`` chunk ranges spans more than one chunk: a graph
+    loop, whose gathers need the inputs padded to whole chunks. A range of one chunk runs on its own
+    rows (static slices, no loop machinery: the same arithmetic as a loop iteration)."""
+    return any(bucket[1] - bucket[0] > 1 for bucket in buckets)
 
 
 def group_queries(q, kv_heads):

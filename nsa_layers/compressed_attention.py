@@ -14,6 +14,7 @@ from .attention_math import (
     chunk_buckets,
     column_tiled,
     group_queries,
+    has_loops,
     index_range,
     masked_score,
     padded_rows,
@@ -34,17 +35,20 @@ _LOGICAL_AND = ops.LogicalAnd()
 _ZEROS_LIKE = ops.ZerosLike()
 _TILE = ops.Tile()
 _CONCAT_SLOTS = ops.Concat(1)
+_CONCAT_ROWS = ops.Concat(0)
 
 
 @constexpr
 def _buckets(total, slots, chunk, stride, row_offset):
-    """Static ``(first, last, slots)`` ranges of query chunks (``chunk_buckets``), each chunk reading
-    the window slots its range's last chunk can reach: slots are in row order, so a chunk ending at
-    row ``c1`` reaches at most ``c1 // d + (S - T // d)`` of them (``packing.max_windows``; ``T``
+    """Static ``(first, last, slots, c0, c1)`` ranges of query chunks (``chunk_buckets``): chunks
+    ``first .. last - 1``, rows ``c0 .. c1 - 1`` of the ``total`` queries, each chunk reading the
+    window slots its range's last chunk can reach: slots are in row order, so a chunk ending at row
+    ``c1`` reaches at most ``c1 // d + (S - T // d)`` of them (``packing.max_windows``; ``T``
     unpadded). The queries are rows ``row_offset ..`` of the keys' ``T >= row_offset + total`` rows:
     ``row_offset + total`` in place of ``T`` bounds the reach from above."""
     end = row_offset + total
-    return tuple((first, last, min(slots, (row_offset + last * chunk) // stride + slots - end // stride))
+    return tuple((first, last, min(slots, (row_offset + last * chunk) // stride + slots - end // stride),
+                  first * chunk, min(total, last * chunk))
                  for first, last in chunk_buckets(0, -(-total // chunk)))
 
 
@@ -61,15 +65,16 @@ class CompressedAttention(nn.Cell):
     The queries go through in chunks of ``query_chunk_size`` in graph loops (compiled once each,
     whatever ``T``): one loop per bucket of consecutive chunks, each chunk against the window slots
     its bucket's last chunk can reach (static shapes in a loop, fewer wasted slots than one loop over
-    all of them). The forward keeps only the outputs, the backward recomputes each chunk's
-    probabilities (``docs/design.md``).
+    all of them); a bucket of one chunk runs on its own rows (``attention_math.has_loops``). The
+    forward keeps only the outputs, the backward recomputes each chunk's probabilities
+    (``docs/design.md``).
 
     Args:
         config (NSAConfig): sizes.
         precision (Precision, optional): the enclosing layer's; default decided from ``config``.
 
     Inputs:
-        q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks; the padding sees no window).
+        q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks for loops; the padding sees no window).
         k (Tensor): ``(S, Hkv, Dq)`` compressed keys of the window slots; ``v``: ``(S, Hkv, Dv)``.
         first_window, windows_ended, position (Tensor): ``(T,)`` int32 (``PackedLayout``).
         row_offset (int): the queries are rows ``row_offset ..`` of the sequence the slots come from
@@ -96,81 +101,125 @@ class CompressedAttention(nn.Cell):
 
     def construct(self, q, k, v, first_window, windows_ended, position, row_offset):
         total = q.shape[0]
-        q, first_window, windows_ended, position = self._padded(q, first_window, windows_ended, position)
+        buckets = _buckets(total, k.shape[0], self.chunk, self.stride, row_offset)
+        if has_loops(buckets):  # whole chunks for the loops' gathers, and their outputs
+            q_pad, first_pad, ended_pad, position_pad = self._padded(q, first_window, windows_ended, position)
+            out = ops.zeros((q_pad.shape[0], q.shape[1], v.shape[2]), q.dtype)
+            blocks = ops.zeros((q_pad.shape[0], self.kv_heads, self.count), ms.int32)
+            valid = ops.zeros((q_pad.shape[0], self.kv_heads, self.count), ms.bool_)
+        else:  # every chunk runs on its own rows
+            q_pad, first_pad, ended_pad, position_pad = q, first_window, windows_ended, position
+            out, blocks, valid = q, first_window, windows_ended
         k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (Hkv, S, D)
-        out = ops.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
-        blocks = ops.zeros((q.shape[0], self.kv_heads, self.count), ms.int32)
-        valid = ops.zeros((q.shape[0], self.kv_heads, self.count), ms.bool_)
-        for first, last, slots in _buckets(total, k.shape[0], self.chunk, self.stride, row_offset):
+        pieces = []
+        for first, last, slots, c0, c1 in buckets:
             # a bound on the queries' own blocks, plus one
             num_blocks = (row_offset + last * self.chunk - 1) // self.block + 1
             k_reach, v_reach = k_heads[:, :slots], v_heads[:, :slots]
+            if last - first == 1:  # one chunk: its rows directly, no loop machinery (the same arithmetic)
+                out_chunk, chosen, used = self._chunk_forward(
+                    q[c0:c1], first_window[c0:c1], windows_ended[c0:c1], position[c0:c1], k_reach, v_reach,
+                    num_blocks)
+                pieces.append((out_chunk, chosen, used))
+                continue
             j = Tensor(first, ms.int32)
             while j < last:
                 rows = self.query_rows + j * self.chunk
-                q_chunk, bias, sees = self._chunk(q, first_window, windows_ended, rows, slots, v.shape[2])
-                out_chunk, probs = attention_forward(q_chunk, k_reach, v_reach, bias, self.scale, self.precision)
-                chosen, used = self.selector(probs, _GATHER(first_window, rows.reshape(-1), 0),
-                                             _GATHER(position, rows.reshape(-1), 0), num_blocks)
-                out = _SCATTER_UPDATE(out, rows, ungroup_outputs(out_chunk * sees, self.chunk))
-                blocks = _SCATTER_UPDATE(blocks, rows, chosen.transpose(1, 0, 2))
-                valid = _SCATTER_UPDATE(valid, rows, used.transpose(1, 0, 2))
+                flat = rows.reshape(-1)
+                out_chunk, chosen, used = self._chunk_forward(
+                    _GATHER(q_pad, flat, 0), _GATHER(first_pad, flat, 0), _GATHER(ended_pad, flat, 0),
+                    _GATHER(position_pad, flat, 0), k_reach, v_reach, num_blocks)
+                out = _SCATTER_UPDATE(out, rows, out_chunk)
+                blocks = _SCATTER_UPDATE(blocks, rows, chosen)
+                valid = _SCATTER_UPDATE(valid, rows, used)
                 j = j + 1
-        return out[:total], blocks[:total], valid[:total]
+            pieces.append((out[c0:c1], blocks[c0:c1], valid[c0:c1]))
+        if len(pieces) == 1:
+            return pieces[0]
+        return tuple(ops.cat([piece[i] for piece in pieces], 0) for i in range(3))
 
     def bprop(self, q, k, v, first_window, windows_ended, position, row_offset, out, dout):
         total = q.shape[0]
         p = self.precision
-        q, first_window_rows, windows_ended_rows, position_rows = self._padded(q, first_window, windows_ended,
-                                                                               position)
-        outputs, d_outputs = padded_rows(out[0], self.chunk), padded_rows(dout[0], self.chunk)
+        buckets = _buckets(total, k.shape[0], self.chunk, self.stride, row_offset)
+        if has_loops(buckets):  # as the forward (both arms assign: see attention_math)
+            q_pad, first_pad, ended_pad = (padded_rows(x, self.chunk) for x in (q, first_window, windows_ended))
+            outputs, d_outputs = padded_rows(out[0], self.chunk), padded_rows(dout[0], self.chunk)
+            d_q = _ZEROS_LIKE(q_pad)
+        else:
+            q_pad, first_pad, ended_pad, outputs, d_outputs, d_q = q, first_window, windows_ended, out[0], dout[0], q
         k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
         # the key and value gradients are sums over chunks: float32 accumulators
-        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(p.stats(k_heads)), _ZEROS_LIKE(p.stats(v_heads))
-        for first, last, slots in _buckets(total, k.shape[0], self.chunk, self.stride, row_offset):
+        d_k, d_v = _ZEROS_LIKE(p.stats(k_heads)), _ZEROS_LIKE(p.stats(v_heads))
+        pieces = []
+        for first, last, slots, c0, c1 in buckets:
             k_reach, v_reach = k_heads[:, :slots], v_heads[:, :slots]
-            d_k_reach, d_v_reach = _ZEROS_LIKE(p.stats(k_reach)), _ZEROS_LIKE(p.stats(v_reach))
-            j = Tensor(first, ms.int32)
-            while j < last:
-                rows = self.query_rows + j * self.chunk
-                q_chunk, bias, sees = self._chunk(q, first_window_rows, windows_ended_rows, rows, slots, v.shape[2])
-                # recomputed: the same as the forward's
-                probs = attention_probs(q_chunk, k_reach, bias, self.scale, p)
-                d_out = self._grouped(d_outputs, rows) * sees  # rows that see no window: zero gradients
-                dq_chunk, dk_chunk, dv_chunk = attention_backward(
-                    q_chunk, k_reach, v_reach, probs, self._grouped(outputs, rows), d_out, self.scale, p)
-                d_q = _SCATTER_UPDATE(d_q, rows, ungroup_outputs(dq_chunk, self.chunk))
-                d_k_reach = d_k_reach + p.stats(dk_chunk)
-                d_v_reach = d_v_reach + p.stats(dv_chunk)
-                j = j + 1
+            if last - first == 1:  # one chunk, as the forward
+                d_q_piece, dk_chunk, dv_chunk = self._chunk_backward(
+                    q[c0:c1], first_window[c0:c1], windows_ended[c0:c1], k_reach, v_reach, out[0][c0:c1],
+                    dout[0][c0:c1])
+                d_k_reach, d_v_reach = p.stats(dk_chunk), p.stats(dv_chunk)
+            else:
+                d_k_reach, d_v_reach = _ZEROS_LIKE(p.stats(k_reach)), _ZEROS_LIKE(p.stats(v_reach))
+                j = Tensor(first, ms.int32)
+                while j < last:
+                    rows = self.query_rows + j * self.chunk
+                    flat = rows.reshape(-1)
+                    dq_chunk, dk_chunk, dv_chunk = self._chunk_backward(
+                        _GATHER(q_pad, flat, 0), _GATHER(first_pad, flat, 0), _GATHER(ended_pad, flat, 0), k_reach,
+                        v_reach, _GATHER(outputs, flat, 0), _GATHER(d_outputs, flat, 0))
+                    d_q = _SCATTER_UPDATE(d_q, rows, dq_chunk)
+                    d_k_reach = d_k_reach + p.stats(dk_chunk)
+                    d_v_reach = d_v_reach + p.stats(dv_chunk)
+                    j = j + 1
+                d_q_piece = d_q[c0:c1]
+            pieces.append(d_q_piece)
             if slots < k.shape[0]:  # the slots the range does not reach get no gradient from it
                 d_k = d_k + _CONCAT_SLOTS((d_k_reach, _ZEROS_LIKE(d_k[:, slots:])))
                 d_v = d_v + _CONCAT_SLOTS((d_v_reach, _ZEROS_LIKE(d_v[:, slots:])))
             else:
                 d_k = d_k + d_k_reach
                 d_v = d_v + d_v_reach
-        return (d_q[:total], p.hold(d_k).transpose(1, 0, 2), p.hold(d_v).transpose(1, 0, 2),
+        d_q = pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
+        return (d_q, p.hold(d_k).transpose(1, 0, 2), p.hold(d_v).transpose(1, 0, 2),
                 _ZEROS_LIKE(first_window), _ZEROS_LIKE(windows_ended), _ZEROS_LIKE(position), 0)
+
+    def _chunk_forward(self, q, first_window, windows_ended, position, k_reach, v_reach, num_blocks):
+        """One chunk of ``C'`` queries against the window slots ``k_reach``/``v_reach`` ``(Hkv, slots, .)``:
+        its output ``(C', H, Dv)`` and selection ``(C', Hkv, n)`` (blocks, valid)."""
+        rows = q.shape[0]
+        q_chunk, bias, sees = self._chunk(q, first_window, windows_ended, k_reach.shape[1], v_reach.shape[2])
+        out_chunk, probs = attention_forward(q_chunk, k_reach, v_reach, bias, self.scale, self.precision)
+        chosen, used = self.selector(probs, first_window, position, num_blocks)
+        return ungroup_outputs(out_chunk * sees, rows), chosen.transpose(1, 0, 2), used.transpose(1, 0, 2)
+
+    def _chunk_backward(self, q, first_window, windows_ended, k_reach, v_reach, out, dout):
+        """The gradients of one chunk's output: ``d_q (C', H, Dq)`` and the chunk's ``d_k``/``d_v``
+        ``(Hkv, slots, .)`` in the compute dtype (the probabilities recomputed: the same as the forward's)."""
+        p = self.precision
+        rows = q.shape[0]
+        q_chunk, bias, sees = self._chunk(q, first_window, windows_ended, k_reach.shape[1], v_reach.shape[2])
+        probs = attention_probs(q_chunk, k_reach, bias, self.scale, p)
+        d_out = group_queries(dout, self.kv_heads) * sees  # rows that see no window: zero gradients
+        dq_chunk, dk_chunk, dv_chunk = attention_backward(
+            q_chunk, k_reach, v_reach, probs, group_queries(out, self.kv_heads), d_out, self.scale, p)
+        return ungroup_outputs(dq_chunk, rows), dk_chunk, dv_chunk
 
     def _padded(self, q, first_window, windows_ended, position):
         """The inputs padded to whole chunks: the padding rows see no window."""
         return (padded_rows(q, self.chunk), padded_rows(first_window, self.chunk),
                 padded_rows(windows_ended, self.chunk), padded_rows(position, self.chunk))
 
-    def _grouped(self, x, rows):
-        """Rows ``rows`` of ``(T, H, F)`` as grouped query rows ``(Hkv, G*C, F)``."""
-        return group_queries(_GATHER(x, rows.reshape(-1), 0), self.kv_heads)
-
-    def _chunk(self, q, first_window, windows_ended, rows, slots, dim_v):
+    def _chunk(self, q, first, ended, slots, dim_v):
         """A chunk's grouped queries, its score bias over the ``slots`` and its "sees a window" mask
-        ``(Hkv, G*C, Dv)`` (1 or 0, tiled: nothing broadcasts, see attention_math)."""
-        flat = rows.reshape(-1)
-        first, ended = _GATHER(first_window, flat, 0), _GATHER(windows_ended, flat, 0)
+        ``(Hkv, G*C, Dv)`` (1 or 0, tiled: nothing broadcasts, see attention_math), from its ``C``
+        queries ``q (C, H, Dq)`` and their ``first_window`` and ``windows_ended`` ``(C,)``."""
+        rows = q.shape[0]
         # slot - first_window in [0, ended): mask comparisons on explicitly tiled operands (see attention_math)
-        relative = row_tiled(index_range(slots), self.chunk) - column_tiled(first, slots)
+        relative = row_tiled(index_range(slots), rows) - column_tiled(first, slots)
         visible = _LOGICAL_AND(relative >= 0, relative < column_tiled(ended, slots))
-        bias = visibility_bias(visible, self.precision.softmax_storage, self.masked).reshape(1, self.chunk, slots)
-        q_chunk = self._grouped(q, rows)
-        sees = _CAST(ended > 0, q.dtype).reshape(1, 1, self.chunk, 1)
-        sees = _TILE(sees, (self.kv_heads, q_chunk.shape[1] // self.chunk, 1, dim_v))
+        bias = visibility_bias(visible, self.precision.softmax_storage, self.masked).reshape(1, rows, slots)
+        q_chunk = group_queries(q, self.kv_heads)
+        sees = _CAST(ended > 0, q.dtype).reshape(1, 1, rows, 1)
+        sees = _TILE(sees, (self.kv_heads, q_chunk.shape[1] // rows, 1, dim_v))
         return q_chunk, bias, sees.reshape(self.kv_heads, -1, dim_v)

@@ -21,6 +21,7 @@ Terms, used with one meaning throughout the layers:
 The host-side counterparts, on prefix sums as Python values, are in :mod:`nsa_layers.packing`.
 """
 
+import functools
 from typing import Optional, TypedDict
 
 import mindspore as ms
@@ -33,7 +34,7 @@ from .input_checks import checked_prefix_sums
 from .packing import host_prefix_sums, max_windows
 
 __all__ = ["PrefixSums", "PackedLayout", "QueryLayout", "prefix_sums", "known_prefix_sums", "packed_layout",
-           "query_layout", "positions_tensor", "window_rows_tensor", "windows_ended", "token_layout"]
+           "query_layout", "host_layout", "positions_tensor", "window_rows_tensor", "windows_ended", "token_layout"]
 
 
 class PrefixSums(TypedDict):
@@ -113,6 +114,11 @@ class PackedLayout(TypedDict):
 def packed_layout(actual_seq_len, total, config):
     """The :class:`PackedLayout` of ``total >= 1`` tokens for an NSA layer of ``config`` (``NSAConfig``).
 
+    Where the prefix sums are known on the host (host values, or a Tensor's values in PyNative outside
+    ``mindspore.jit``), the layout is built once per layout with NumPy (:func:`host_layout`, cached)
+    and used as constants; otherwise (a Tensor in a graph: graph data) by static-shape ops from the
+    prefix-sum tensor, one graph for every layout. The two are equal.
+
     Args:
         actual_seq_len: the segment ends, a :class:`PrefixSums` record or anything :func:`prefix_sums`
             takes (and checks).
@@ -121,8 +127,16 @@ def packed_layout(actual_seq_len, total, config):
     """
     sums = prefix_sums("packed_layout", actual_seq_len, total)
     ends = sums["ends"]
-    num_ends = ends.shape[0]
     block, stride, select = config.compress_block_size, config.compress_stride, config.select_block_size
+    values = sums["host"]
+    if values is None and not _compiling():  # PyNative: the checked tensor's values can be read
+        values = tuple(ends.asnumpy().tolist())
+    if values is not None:
+        tensors = host_layout(values, total, block, stride, select)
+        return {"segment": tensors[0], "position": tensors[1], "window_starts": tensors[2],
+                "first_window": tensors[3], "windows_ended": tensors[4], "block_starts": tensors[5],
+                "first_block": tensors[6], "prefix_sums": sums}
+    num_ends = ends.shape[0]
     segment, position, start, length = token_layout(ends, total)
     window_slots = max_windows(total, num_ends, block, stride)
     window_starts, window_start_here = _slots_tensor(position, length, block, stride, window_slots)
@@ -138,6 +152,61 @@ def packed_layout(actual_seq_len, total, config):
         "first_block": _first_slot_tensor(block_start_here, start),
         "prefix_sums": sums,
     }
+
+
+@constexpr(check=False)
+def _is_none(value):
+    return value is None
+
+
+def _compiling():
+    """True while ``mindspore.jit`` (or graph mode) compiles the caller, False when PyNative runs it: a
+    function is a constant a compiled graph cannot pass to ``constexpr`` (MindSpore's own test)."""
+    def _probe():
+        return 0
+    return _is_none(_probe)
+
+
+@constexpr
+def host_layout(ends, total, block, stride, select):
+    """The tensors of :class:`PackedLayout` (``segment .. first_block``, in its order) of ``total >= 1``
+    tokens from host prefix-sum values ``ends`` (a tuple, as :class:`PrefixSums` allows: any order,
+    values in ``[0, T]``), built with NumPy as the ops of :func:`packed_layout` build them from the same
+    values in a tensor (equal, shapes included), and cached per ``(ends, T, l, d, l')``: constants of
+    the graph under ``mindspore.jit``, the same tensors at every PyNative call."""
+    return _host_layout_tensors(tuple(ends), total, block, stride, select)
+
+
+@functools.lru_cache(maxsize=64)
+def _host_layout_tensors(ends, total, block, stride, select):
+    values = np.asarray(ends, np.int64).reshape(1, -1)
+    rows = np.arange(total).reshape(-1, 1)
+    passed = values <= rows  # as token_layout
+    segment = passed.sum(axis=1)
+    start = np.where(passed, values, 0).max(axis=1, initial=0)
+    length = np.where(passed, total, values).min(axis=1, initial=total) - start
+    position = rows.reshape(-1) - start
+    window_starts, window_here = _host_slots(position, length, block, stride,
+                                             max_windows(total, len(ends), block, stride))
+    block_starts, block_here = _host_slots(position, length, 1, select, max_windows(total, len(ends), 1, select))
+    ended = np.maximum(position - (block - 1 - stride), 0) // stride
+    tensors = (segment, position, window_starts, _host_first_slot(window_here, start), ended, block_starts,
+               _host_first_slot(block_here, start))
+    return tuple(Tensor(np.asarray(x, np.int32)) for x in tensors)
+
+
+def _host_slots(position, length, block, stride, slots):
+    """:func:`_slots_tensor` on the host: window starts in row order, padded with 0 to ``slots``."""
+    here = (position % stride == 0) & (position + block <= length)
+    starts = np.zeros(slots, np.int64)
+    rows = np.flatnonzero(here)[:slots]
+    starts[:rows.size] = rows
+    return starts, here
+
+
+def _host_first_slot(here, start):
+    """:func:`_first_slot_tensor` on the host."""
+    return (np.cumsum(here) - here)[start]
 
 
 class QueryLayout(TypedDict):

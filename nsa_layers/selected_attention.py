@@ -22,6 +22,7 @@ from .attention_math import (
     chunk_buckets,
     column_tiled,
     group_queries,
+    has_loops,
     index_range,
     masked_score,
     padded_rows,
@@ -210,15 +211,16 @@ def dense_chunks(total, chunk, row_offset, dense_rows):
 
 
 @constexpr
-def _reach(total, block_slots, chunk, block, dense_rows, row_offset):
-    """``(first, last, num_blocks)`` ranges of the query chunks after the dense ones (``chunk_buckets``):
-    block slots are in row order, so a chunk ending at row ``c1`` reaches at most
-    ``c1 // l' + (B - T // l')`` of them (``packing.max_windows``), where ``row_offset + total <= T``
-    in place of ``T`` bounds the reach from above."""
+def _reach(total, block_slots, chunk, block, row_offset):
+    """Static ``(first, last, num_blocks, c0, c1)`` ranges of the query chunks (``chunk_buckets``):
+    chunks ``first .. last - 1``, rows ``c0 .. c1 - 1`` of the ``total`` queries, reading the block
+    slots the range's last chunk can reach: block slots are in row order, so a chunk ending at row
+    ``c1`` reaches at most ``c1 // l' + (B - T // l')`` of them (``packing.max_windows``), where
+    ``row_offset + total <= T`` in place of ``T`` bounds the reach from above."""
     end = row_offset + total
-    return tuple((first, last, min(block_slots, (row_offset + last * chunk) // block + block_slots - end // block))
-                 for first, last in chunk_buckets(dense_chunks(total, chunk, row_offset, dense_rows),
-                                                  -(-total // chunk)))
+    return tuple((first, last, min(block_slots, (row_offset + last * chunk) // block + block_slots - end // block),
+                  first * chunk, min(total, last * chunk))
+                 for first, last in chunk_buckets(0, -(-total // chunk)))
 
 
 class SelectedAttention(nn.Cell):
@@ -269,11 +271,12 @@ class SelectedAttention(nn.Cell):
                 _leading_rows(v_pieces, chunk, end), layout["segment"][:end], layout["position"][:end],
                 blocks[c0:c1].transpose(1, 0, 2), valid[c0:c1].transpose(1, 0, 2), queries["segment"][c0:c1],
                 queries["position"][c0:c1]), c1 - c0))
-        if dense < len(chunks):
-            grouped = self.block_grouped(q, self.block_grouped.block_major(k, layout["block_starts"]),
-                                         self.block_grouped.block_major(v, layout["block_starts"]), blocks, valid,
-                                         queries["first_block"], queries["position"], offset)
-            outs.append(grouped[dense * chunk:])
+        if dense < len(chunks):  # the later queries, from row dense * chunk on
+            c0 = chunks[dense][0]
+            outs.append(self.block_grouped(
+                q[c0:], self.block_grouped.block_major(k, layout["block_starts"]),
+                self.block_grouped.block_major(v, layout["block_starts"]), blocks[c0:], valid[c0:],
+                queries["first_block"][c0:], queries["position"][c0:], offset + c0))
         return outs[0] if len(outs) == 1 else ops.cat(outs, 0)
 
 
@@ -318,16 +321,17 @@ class BlockGroupedSelectedAttention(nn.Cell):
     No key or value is copied per query. Masked keys (after the query in its own block, and every key
     of an empty slot) get probability 0.
 
-    The query chunks that end after row ``select_dense_rows`` (:func:`dense_chunks`) go through a
-    graph loop (compiled once, whatever ``T``); the forward keeps only the outputs and the backward
-    recomputes each chunk's probabilities (``docs/design.md``). Rows of earlier chunks are left 0.
+    The queries go through in chunks of ``query_chunk_size``: one graph loop per bucket of
+    consecutive chunks (compiled once each, whatever ``T``), a bucket of one chunk on its own rows
+    (``attention_math.has_loops``). The forward keeps only the outputs and the backward recomputes
+    each chunk's probabilities (``docs/design.md``).
 
     Args:
         config (NSAConfig): sizes.
         precision (Precision, optional): the enclosing layer's; default decided from ``config``.
 
     Inputs:
-        q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks; the padding selects nothing).
+        q (Tensor): ``(T, H, Dq)`` (padded inside to whole chunks for loops; the padding selects nothing).
         k_blocks (Tensor): ``(Hkv * B, l' * Dq)`` from :meth:`block_major`; ``v_blocks``: ``(Hkv * B, l' * Dv)``.
         blocks, valid (Tensor): ``(T, Hkv, k)`` selected in-segment block ids and slot validity.
         first_block, position (Tensor): ``(T,)`` int32 (``PackedLayout``).
@@ -342,7 +346,6 @@ class BlockGroupedSelectedAttention(nn.Cell):
         super().__init__()
         self.block = config.select_block_size
         self.chunk = config.query_chunk_size
-        self.dense_rows = config.select_dense_rows
         self.kv_heads = config.num_kv_heads
         self.group = config.group_size
         self.count = config.select_block_count
@@ -370,54 +373,96 @@ class BlockGroupedSelectedAttention(nn.Cell):
 
     def construct(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, row_offset):
         total = q.shape[0]
-        p = self.precision
-        q, blocks, valid, first_block, position = self._padded(q, blocks, valid, first_block, position)
-        out = ops.zeros((q.shape[0], q.shape[1], v_blocks.shape[1] // self.block), q.dtype)
-        for first, last, num_blocks in self._buckets(total, k_blocks.shape[0], row_offset):
+        buckets = self._buckets(total, k_blocks.shape[0], row_offset)
+        if has_loops(buckets):  # whole chunks for the loops' gathers, and their outputs
+            rows_in = self._padded(q, blocks, valid, first_block, position)
+            out = ops.zeros((rows_in[0].shape[0], q.shape[1], v_blocks.shape[1] // self.block), q.dtype)
+        else:  # every chunk runs on its own rows
+            rows_in, out = (q, blocks, valid, first_block, position), q
+        pieces = []
+        for first, last, num_blocks, c0, c1 in buckets:
+            if last - first == 1:  # one chunk: its rows directly, no loop machinery (the same arithmetic)
+                pieces.append(self._chunk_forward(tuple(x[c0:c1] for x in (q, blocks, valid, first_block, position)),
+                                                  k_blocks, v_blocks, num_blocks))
+                continue
             j = Tensor(first, ms.int32)
             while j < last:
                 rows = self.query_rows + j * self.chunk
-                plan, _, _, v_tiles, probs = self._tiles(q, k_blocks, v_blocks, blocks, valid, first_block, position,
-                                                         rows, num_blocks)
-                slot_outputs = p.held(_BMM(p.hold_probs(probs), v_tiles))
-                out = _SCATTER_UPDATE(out, rows, p.hold(self._sum_over_slots(slot_outputs, plan)))
+                flat = rows.reshape(-1)
+                out_chunk = self._chunk_forward(tuple(_GATHER(x, flat, 0) for x in rows_in), k_blocks, v_blocks,
+                                                num_blocks)
+                out = _SCATTER_UPDATE(out, rows, out_chunk)
                 j = j + 1
-        return out[:total]
+            pieces.append(out[c0:c1])
+        return pieces[0] if len(pieces) == 1 else ops.cat(pieces, 0)
 
     def bprop(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, row_offset, out, dout):
         total = q.shape[0]
         p = self.precision
-        rows_in = self._padded(q, blocks, valid, first_block, position)
-        q, blocks_rows, valid_rows, first_block_rows, position_rows = rows_in
-        out, dout = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
+        buckets = self._buckets(total, k_blocks.shape[0], row_offset)
+        if has_loops(buckets):  # as the forward (both arms assign: see attention_math)
+            rows_in = self._padded(q, blocks, valid, first_block, position)
+            out_rows, dout_rows = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
+            d_q = _ZEROS_LIKE(rows_in[0])
+        else:
+            rows_in, out_rows, dout_rows, d_q = (q, blocks, valid, first_block, position), out, dout, q
         # a block's gradient sums over the tiles that read it: float32 accumulators
-        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(p.stats(k_blocks)), _ZEROS_LIKE(p.stats(v_blocks))
-        for first, last, num_blocks in self._buckets(total, k_blocks.shape[0], row_offset):
-            j = Tensor(first, ms.int32)
-            while j < last:
-                rows = self.query_rows + j * self.chunk
-                plan, q_tiles, k_tiles, v_tiles, probs = self._tiles(q, k_blocks, v_blocks, blocks_rows, valid_rows,
-                                                                     first_block_rows, position_rows, rows, num_blocks)
-                # each tile row's output and its gradient (zero rows for padding); the softmax backward
-                # as attention_math.attention_backward's
-                d_out_tiles = self._to_tiles(_GATHER(dout, rows.reshape(-1), 0), plan)
-                d_out_s = p.score_operand(d_out_tiles)
-                out_s = p.score_operand(self._to_tiles(_GATHER(out, rows.reshape(-1), 0), plan))
-                row_term = p.held_scores(row_dot(d_out_s, out_s))
-                d_probs = p.held_scores(_BMM_TRANSPOSE_B(d_out_s, p.score_operand(v_tiles)))
-                d_probs = d_probs - _TILE(row_term, (1, 1, self.block))
-                d_scores = p.hold_probs(p.held_scores(probs * d_probs))  # per unit of scaled score
-                tiles = k_tiles.shape[0]
-                d_q_rows = self._sum_over_slots(p.held(_BMM(d_scores, k_tiles)), plan) * self.scale
-                d_q = _SCATTER_UPDATE(d_q, rows, p.hold(d_q_rows))
-                d_k_tiles = p.stats(p.held(_BMM_TRANSPOSE_A(d_scores, p.hold(q_tiles))))
-                d_k = d_k + _SEGMENT_SUM(d_k_tiles.reshape(tiles, -1), plan["tile_blocks"], k_blocks.shape[0])
-                d_v = d_v + _SEGMENT_SUM(
-                    p.stats(p.held(_BMM_TRANSPOSE_A(p.hold_probs(probs), d_out_tiles))).reshape(tiles, -1),
-                    plan["tile_blocks"], v_blocks.shape[0])
-                j = j + 1
-        return (d_q[:total], p.hold(d_k), p.hold(d_v), _ZEROS_LIKE(blocks), _ZEROS_LIKE(valid),
+        d_k, d_v = _ZEROS_LIKE(p.stats(k_blocks)), _ZEROS_LIKE(p.stats(v_blocks))
+        pieces = []
+        for first, last, num_blocks, c0, c1 in buckets:
+            if last - first == 1:  # one chunk, as the forward
+                d_q_piece, d_k_chunk, d_v_chunk = self._chunk_backward(
+                    tuple(x[c0:c1] for x in (q, blocks, valid, first_block, position)), k_blocks, v_blocks,
+                    out[c0:c1], dout[c0:c1], num_blocks)
+                d_k = d_k + d_k_chunk
+                d_v = d_v + d_v_chunk
+            else:
+                j = Tensor(first, ms.int32)
+                while j < last:
+                    rows = self.query_rows + j * self.chunk
+                    flat = rows.reshape(-1)
+                    d_q_rows, d_k_chunk, d_v_chunk = self._chunk_backward(
+                        tuple(_GATHER(x, flat, 0) for x in rows_in), k_blocks, v_blocks, _GATHER(out_rows, flat, 0),
+                        _GATHER(dout_rows, flat, 0), num_blocks)
+                    d_q = _SCATTER_UPDATE(d_q, rows, d_q_rows)
+                    d_k = d_k + d_k_chunk
+                    d_v = d_v + d_v_chunk
+                    j = j + 1
+                d_q_piece = d_q[c0:c1]
+            pieces.append(d_q_piece)
+        d_q = pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
+        return (d_q, p.hold(d_k), p.hold(d_v), _ZEROS_LIKE(blocks), _ZEROS_LIKE(valid),
                 _ZEROS_LIKE(first_block), _ZEROS_LIKE(position), 0)
+
+    def _chunk_forward(self, rows_in, k_blocks, v_blocks, num_blocks):
+        """One chunk's output ``(C', H, Dv)`` from its rows ``(q, blocks, valid, first_block, position)``."""
+        p = self.precision
+        plan, _, _, v_tiles, probs = self._tiles(rows_in, k_blocks, v_blocks, num_blocks)
+        slot_outputs = p.held(_BMM(p.hold_probs(probs), v_tiles))
+        return p.hold(self._sum_over_slots(slot_outputs, plan))
+
+    def _chunk_backward(self, rows_in, k_blocks, v_blocks, out, dout, num_blocks):
+        """The gradients of one chunk's output ``out`` (given ``dout``, both ``(C', H, Dv)``): ``d_q (C', H,
+        Dq)`` in the compute dtype, and the chunk's ``d_k_blocks``/``d_v_blocks`` in float32. The
+        probabilities are recomputed (the same as the forward's); the softmax backward as
+        ``attention_math.attention_backward``'s."""
+        p = self.precision
+        plan, q_tiles, k_tiles, v_tiles, probs = self._tiles(rows_in, k_blocks, v_blocks, num_blocks)
+        # each tile row's output and its gradient (zero rows for padding)
+        d_out_tiles = self._to_tiles(dout, plan)
+        d_out_s = p.score_operand(d_out_tiles)
+        out_s = p.score_operand(self._to_tiles(out, plan))
+        row_term = p.held_scores(row_dot(d_out_s, out_s))
+        d_probs = p.held_scores(_BMM_TRANSPOSE_B(d_out_s, p.score_operand(v_tiles)))
+        d_probs = d_probs - _TILE(row_term, (1, 1, self.block))
+        d_scores = p.hold_probs(p.held_scores(probs * d_probs))  # per unit of scaled score
+        tiles = k_tiles.shape[0]
+        d_q = self._sum_over_slots(p.held(_BMM(d_scores, k_tiles)), plan) * self.scale
+        d_k_tiles = p.stats(p.held(_BMM_TRANSPOSE_A(d_scores, p.hold(q_tiles))))
+        d_k = _SEGMENT_SUM(d_k_tiles.reshape(tiles, -1), plan["tile_blocks"], k_blocks.shape[0])
+        d_v = _SEGMENT_SUM(p.stats(p.held(_BMM_TRANSPOSE_A(p.hold_probs(probs), d_out_tiles))).reshape(tiles, -1),
+                           plan["tile_blocks"], v_blocks.shape[0])
+        return p.hold(d_q), d_k, d_v
 
     def _padded(self, q, blocks, valid, first_block, position):
         """The per-query inputs padded to whole chunks: the padding selects nothing."""
@@ -426,26 +471,27 @@ class BlockGroupedSelectedAttention(nn.Cell):
                 padded_rows(first_block, chunk), padded_rows(position, chunk))
 
     def _buckets(self, total, block_rows, row_offset):
-        """Static ``(first, last, num_blocks)`` ranges of the query chunks after the dense ones, each
-        reading the block slots its range's last chunk can reach (``_reach``; ``T`` unpadded)."""
-        return _reach(total, block_rows // self.kv_heads, self.chunk, self.block, self.dense_rows, row_offset)
+        """Static ``(first, last, num_blocks, c0, c1)`` ranges of the query chunks, each reading the
+        block slots its range's last chunk can reach (``_reach``; ``T`` unpadded)."""
+        return _reach(total, block_rows // self.kv_heads, self.chunk, self.block, row_offset)
 
-    def _tiles(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, rows, num_blocks):
-        """The plan of the chunk at ``rows`` over its first ``num_blocks`` block slots and its tiles:
-        queries (scaled, in the softmax dtype), keys, values ``(R, ., .)`` and the probabilities
-        ``(R, tile*G, l')`` in the softmax dtype (0 on padding rows)."""
+    def _tiles(self, rows_in, k_blocks, v_blocks, num_blocks):
+        """The plan of a chunk over its first ``num_blocks`` block slots and its tiles, from the chunk's
+        rows ``(q (C, H, Dq), blocks, valid (C, Hkv, k), first_block, position (C,))``: queries (scaled,
+        in the softmax dtype), keys, values ``(R, ., .)`` and the probabilities ``(R, tile*G, l')`` in
+        the softmax dtype (0 on padding rows)."""
         p = self.precision
-        flat = rows.reshape(-1)
-        chosen = _GATHER(blocks, flat, 0).transpose(1, 0, 2)
-        used = _GATHER(valid, flat, 0).transpose(1, 0, 2)
+        q, blocks, valid, first_block, position = rows_in
+        chosen = blocks.transpose(1, 0, 2)
+        used = valid.transpose(1, 0, 2)
         kv_heads, chunk, count = chosen.shape
         dim = q.shape[2]
-        plan = selected_tile_plan(chosen, used, _GATHER(first_block, flat, 0), _GATHER(position, flat, 0), num_blocks,
-                                  k_blocks.shape[0] // kv_heads, self.group, self.tile, self.block)
+        plan = selected_tile_plan(chosen, used, first_block, position, num_blocks, k_blocks.shape[0] // kv_heads,
+                                  self.group, self.tile, self.block)
         tiles = plan["tile_blocks"].shape[0]
         k_tiles = _GATHER(k_blocks, plan["tile_blocks"], 0).reshape(tiles, self.block, dim)
         v_tiles = _GATHER(v_blocks, plan["tile_blocks"], 0).reshape(tiles, self.block, -1)
-        q_tiles = self._to_tiles(p.held_scores(p.score_operand(_GATHER(q, flat, 0)) * self.scale), plan)
+        q_tiles = self._to_tiles(p.held_scores(p.score_operand(q) * self.scale), plan)
         scores = p.held_scores(_BMM_TRANSPOSE_B(q_tiles, p.score_operand(k_tiles))).reshape(-1, self.block)
         # the softmax over each (query, head)'s k * l' keys, in rows of those keys (every row has a tile row)
         scores = _GATHER(scores, plan["softmax_from_tiles"], 0)

@@ -10,6 +10,7 @@ from mindspore import Tensor
 from helpers.common import examples, random_normal
 from helpers.nsa_cases import BRANCHES, Case, as_numpy, assert_close, check_against_reference, small_config
 from nsa_layers import NSAConfig
+from nsa_layers.attention_math import chunk_buckets
 
 
 @st.composite
@@ -44,6 +45,8 @@ def test_paper_sizes_match_reference(dense_rows):
     selected branch grouped by block, or block-masked (the default for chunks ending by row 2048)."""
     cfg = NSAConfig(hidden_size=64, num_heads=4, num_kv_heads=1, head_dim=16, v_head_dim=8, window_size=40,
                     query_chunk_size=128, select_dense_rows=dense_rows)
+    # five query chunks: three run on their own rows, the last two in a graph loop (both paths, one call)
+    assert chunk_buckets(0, 5) == [(0, 1), (1, 2), (2, 3), (3, 5)]
     selected = check_against_reference(Case(cfg, [300, 20, 0, 200], seed=5))
     # a query late in a 300-token segment has 5 blocks: all selected, 11 slots empty
     assert sorted(selected[(299, 0)]) == [0, 1, 2, 3, 4]
@@ -53,6 +56,7 @@ def test_graph_mode_with_mindformers_prefix_sums():
     """Compiled, with the prefix sums as a tensor as MindFormers gives them (leading 0, padding); the
     window (40 rows) spans three query chunks (16 rows). Then bad prefix sums, checked in the graph."""
     c = Case(small_config(query_chunk_size=16, window_size=40), [30, 5, 41], seed=6)
+    assert chunk_buckets(0, 5) == [(0, 1), (1, 2), (2, 3), (3, 5)]  # chunks on their own rows and a loop
     check_against_reference(c)
     eager = c.run()
     ends = Tensor(np.array([0, 30, 35, 76, 76, 76], np.int32))

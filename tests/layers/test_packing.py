@@ -90,6 +90,26 @@ def test_tensor_versions_match_host_versions(mode, raw):
     assert np.array_equal(seg[:, None] == seg[None, :], host[:, None] == host[None, :])
 
 
+@pytest.mark.parametrize("raw", [[16, 64, 64, 64, 80, 128, 128, 128], [0, 5, 12, 12, 40, 128], [128, 40, 0, 77]])
+def test_layout_from_host_values_equals_the_graph_ops(raw):
+    """PyNative reads checked prefix sums and builds the layout with NumPy, once per layout
+    (``host_layout``); a compiled graph builds it with ops from the tensor: every field equal, shapes
+    included (ends in any order, as a layer's own ends may be)."""
+    cfg = NSAConfig(hidden_size=8, num_heads=1, num_kv_heads=1, head_dim=8, v_head_dim=8, compress_block_size=16,
+                    compress_stride=8, select_block_size=32)
+    fields = ("segment", "position", "window_starts", "first_window", "windows_ended", "block_starts", "first_block")
+
+    def fn(ends):
+        record = layout.packed_layout(layout.known_prefix_sums(ends), 128, cfg)
+        return tuple(record[name] for name in fields)
+
+    ends = ms.Tensor(np.array(raw, np.int32))
+    eager, graph = fn(ends), ms.jit(fn)(ends)
+    for name, host, ops_ in zip(fields, eager, graph):
+        assert host.shape == ops_.shape and np.array_equal(host.asnumpy(), ops_.asnumpy()), name
+    assert fn(ends)[0] is eager[0]  # built once per layout
+
+
 def test_layout_of_no_tokens_is_empty(mode):
     """T = 0: four empty int32 tensors (MindSpore's max and min reject empty inputs)."""
     def fn(ends):
