@@ -13,8 +13,8 @@ from mindspore.ops import constexpr
 
 from .precision import FLOAT32
 
-__all__ = ["MASKED", "masked_score", "index_range", "LOOP_BUCKETS", "chunk_buckets", "has_loops", "padded_rows",
-           "group_queries", "ungroup_outputs", "visibility_bias", "column_tiled", "row_tiled", "row_dot",
+__all__ = ["MASKED", "masked_score", "index_range", "LOOP_BUCKETS", "chunk_buckets", "has_loops", "loop_rows",
+           "padded_rows", "group_queries", "ungroup_outputs", "visibility_bias", "column_tiled", "row_tiled", "row_dot",
            "attention_forward", "attention_probs", "attention_backward", "MaskedAttention"]
 
 # Primitives, not ops.* functions, in what a graph-mode bprop calls: MindSpore 2.9 fails to compile
@@ -73,19 +73,38 @@ LOOP_BUCKETS = 4
 
 def chunk_buckets(first, last, count=LOOP_BUCKETS):
     """Chunk indices ``first .. last - 1`` cut into at most ``count`` consecutive ``(first, last)``
-    ranges of nearly equal size (static Python; one graph loop each)."""
+    ranges of nearly equal size, the larger ones last (static Python; one graph loop each, or a range
+    of one chunk on its own rows: :func:`loop_rows`). No chunks, no ranges."""
     chunks = last - first
-    parts = count if count < chunks else chunks
-    bounds = [first + chunks * i // parts for i in range(parts + 1)] if parts else [first, first]
-    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+    parts = min(count, chunks)
+    ranges = []
+    for i in range(parts):
+        size = chunks // parts + (1 if i >= parts - chunks % parts else 0)
+        ranges.append((first, first + size))
+        first += size
+    return ranges
 
 
 @constexpr
 def has_loops(buckets):
-    """Whether any of the static ``(first, last, ...)`` chunk ranges spans more than one chunk: a graph
-    loop, whose gathers need the inputs padded to whole chunks. A range of one chunk runs on its own
-    rows (static slices, no loop machinery: the same arithmetic as a loop iteration)."""
+    """Whether any of the static ``(first, last, ..., c0, c1)`` chunk ranges spans more than one chunk: a
+    graph loop, whose gathers need the inputs padded to whole chunks. A range of one chunk runs on its
+    own rows (static slices, no loop machinery: the same arithmetic as a loop iteration)."""
     return any(bucket[1] - bucket[0] > 1 for bucket in buckets)
+
+
+@constexpr
+def loop_rows(buckets):
+    """``(first_row, loop_row, total)`` of the static ``(first, last, ..., c0, c1)`` chunk ranges: the
+    rows they cover, ``first_row .. total - 1``, of which the loops' are ``loop_row ..`` (``total`` with
+    no loop). The one-chunk ranges come first (``chunk_buckets``' sizes do not decrease), so a branch
+    joins their own rows and then one slice of its loops' output."""
+    sizes = [bucket[1] - bucket[0] for bucket in buckets]
+    loops = [i for i, size in enumerate(sizes) if size > 1]
+    if loops and min(sizes[loops[0]:]) == 1:
+        raise ValueError(f"loop_rows: one-chunk ranges must come before the loops, got {buckets}")
+    total = buckets[-1][-1]
+    return buckets[0][-2], buckets[loops[0]][-2] if loops else total, total
 
 
 def group_queries(q, kv_heads):

@@ -16,6 +16,7 @@ from .attention_math import (
     group_queries,
     has_loops,
     index_range,
+    loop_rows,
     masked_score,
     padded_rows,
     row_tiled,
@@ -111,7 +112,7 @@ class CompressedAttention(nn.Cell):
             q_pad, first_pad, ended_pad, position_pad = q, first_window, windows_ended, position
             out, blocks, valid = q, first_window, windows_ended
         k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (Hkv, S, D)
-        pieces = []
+        pieces = []  # the one-chunk buckets' outputs, in order
         for first, last, slots, c0, c1 in buckets:
             # a bound on the queries' own blocks, plus one
             num_blocks = (row_offset + last * self.chunk - 1) // self.block + 1
@@ -133,10 +134,14 @@ class CompressedAttention(nn.Cell):
                 blocks = _SCATTER_UPDATE(blocks, rows, chosen)
                 valid = _SCATTER_UPDATE(valid, rows, used)
                 j = j + 1
-            pieces.append((out[c0:c1], blocks[c0:c1], valid[c0:c1]))
+        _, loop_row, _ = loop_rows(buckets)
+        if not pieces:  # every bucket loops
+            return out[:total], blocks[:total], valid[:total]
+        if loop_row < total:  # the loops' rows, after the one-chunk buckets'
+            pieces.append((out[loop_row:total], blocks[loop_row:total], valid[loop_row:total]))
         if len(pieces) == 1:
             return pieces[0]
-        return tuple(ops.cat([piece[i] for piece in pieces], 0) for i in range(3))
+        return tuple(_CONCAT_ROWS([piece[i] for piece in pieces]) for i in range(3))
 
     def bprop(self, q, k, v, first_window, windows_ended, position, row_offset, out, dout):
         total = q.shape[0]
@@ -151,13 +156,14 @@ class CompressedAttention(nn.Cell):
         k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
         # the key and value gradients are sums over chunks: float32 accumulators
         d_k, d_v = _ZEROS_LIKE(p.stats(k_heads)), _ZEROS_LIKE(p.stats(v_heads))
-        pieces = []
+        pieces = []  # the one-chunk buckets' d_q, in order
         for first, last, slots, c0, c1 in buckets:
             k_reach, v_reach = k_heads[:, :slots], v_heads[:, :slots]
             if last - first == 1:  # one chunk, as the forward
-                d_q_piece, dk_chunk, dv_chunk = self._chunk_backward(
+                d_q_chunk, dk_chunk, dv_chunk = self._chunk_backward(
                     q[c0:c1], first_window[c0:c1], windows_ended[c0:c1], k_reach, v_reach, out[0][c0:c1],
                     dout[0][c0:c1])
+                pieces.append(d_q_chunk)
                 d_k_reach, d_v_reach = p.stats(dk_chunk), p.stats(dv_chunk)
             else:
                 d_k_reach, d_v_reach = _ZEROS_LIKE(p.stats(k_reach)), _ZEROS_LIKE(p.stats(v_reach))
@@ -172,14 +178,17 @@ class CompressedAttention(nn.Cell):
                     d_k_reach = d_k_reach + p.stats(dk_chunk)
                     d_v_reach = d_v_reach + p.stats(dv_chunk)
                     j = j + 1
-                d_q_piece = d_q[c0:c1]
-            pieces.append(d_q_piece)
             if slots < k.shape[0]:  # the slots the range does not reach get no gradient from it
                 d_k = d_k + _CONCAT_SLOTS((d_k_reach, _ZEROS_LIKE(d_k[:, slots:])))
                 d_v = d_v + _CONCAT_SLOTS((d_v_reach, _ZEROS_LIKE(d_v[:, slots:])))
             else:
                 d_k = d_k + d_k_reach
                 d_v = d_v + d_v_reach
+        _, loop_row, _ = loop_rows(buckets)
+        if loop_row < total:  # the loops' rows, after the one-chunk buckets' (both arms assign: see attention_math)
+            pieces = pieces + [d_q[loop_row:total]]
+        else:
+            pieces = pieces + []
         d_q = pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
         return (d_q, p.hold(d_k).transpose(1, 0, 2), p.hold(d_v).transpose(1, 0, 2),
                 _ZEROS_LIKE(first_window), _ZEROS_LIKE(windows_ended), _ZEROS_LIKE(position), 0)

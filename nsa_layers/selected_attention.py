@@ -24,6 +24,7 @@ from .attention_math import (
     group_queries,
     has_loops,
     index_range,
+    loop_rows,
     masked_score,
     padded_rows,
     row_dot,
@@ -211,16 +212,17 @@ def dense_chunks(total, chunk, row_offset, dense_rows):
 
 
 @constexpr
-def _reach(total, block_slots, chunk, block, row_offset):
-    """Static ``(first, last, num_blocks, c0, c1)`` ranges of the query chunks (``chunk_buckets``):
-    chunks ``first .. last - 1``, rows ``c0 .. c1 - 1`` of the ``total`` queries, reading the block
-    slots the range's last chunk can reach: block slots are in row order, so a chunk ending at row
-    ``c1`` reaches at most ``c1 // l' + (B - T // l')`` of them (``packing.max_windows``), where
-    ``row_offset + total <= T`` in place of ``T`` bounds the reach from above."""
+def _reach(total, block_slots, chunk, block, dense_rows, row_offset):
+    """Static ``(first, last, num_blocks, c0, c1)`` ranges of the query chunks after the dense ones
+    (``chunk_buckets``): chunks ``first .. last - 1``, rows ``c0 .. c1 - 1`` of the ``total`` queries,
+    reading the block slots the range's last chunk can reach: block slots are in row order, so a chunk
+    ending at row ``c1`` reaches at most ``c1 // l' + (B - T // l')`` of them (``packing.max_windows``),
+    where ``row_offset + total <= T`` in place of ``T`` bounds the reach from above."""
     end = row_offset + total
     return tuple((first, last, min(block_slots, (row_offset + last * chunk) // block + block_slots - end // block),
                   first * chunk, min(total, last * chunk))
-                 for first, last in chunk_buckets(0, -(-total // chunk)))
+                 for first, last in chunk_buckets(dense_chunks(total, chunk, row_offset, dense_rows),
+                                                  -(-total // chunk)))
 
 
 class SelectedAttention(nn.Cell):
@@ -271,12 +273,11 @@ class SelectedAttention(nn.Cell):
                 _leading_rows(v_pieces, chunk, end), layout["segment"][:end], layout["position"][:end],
                 blocks[c0:c1].transpose(1, 0, 2), valid[c0:c1].transpose(1, 0, 2), queries["segment"][c0:c1],
                 queries["position"][c0:c1]), c1 - c0))
-        if dense < len(chunks):  # the later queries, from row dense * chunk on
-            c0 = chunks[dense][0]
-            outs.append(self.block_grouped(
-                q[c0:], self.block_grouped.block_major(k, layout["block_starts"]),
-                self.block_grouped.block_major(v, layout["block_starts"]), blocks[c0:], valid[c0:],
-                queries["first_block"][c0:], queries["position"][c0:], offset + c0))
+        if dense < len(chunks):
+            grouped = self.block_grouped(q, self.block_grouped.block_major(k, layout["block_starts"]),
+                                         self.block_grouped.block_major(v, layout["block_starts"]), blocks, valid,
+                                         queries["first_block"], queries["position"], offset)
+            outs.append(grouped[dense * chunk:])
         return outs[0] if len(outs) == 1 else ops.cat(outs, 0)
 
 
@@ -321,10 +322,10 @@ class BlockGroupedSelectedAttention(nn.Cell):
     No key or value is copied per query. Masked keys (after the query in its own block, and every key
     of an empty slot) get probability 0.
 
-    The queries go through in chunks of ``query_chunk_size``: one graph loop per bucket of
-    consecutive chunks (compiled once each, whatever ``T``), a bucket of one chunk on its own rows
-    (``attention_math.has_loops``). The forward keeps only the outputs and the backward recomputes
-    each chunk's probabilities (``docs/design.md``).
+    The query chunks that end after row ``select_dense_rows`` (:func:`dense_chunks`) go through one
+    graph loop per bucket of consecutive chunks (compiled once each, whatever ``T``), a bucket of one
+    chunk on its own rows (``attention_math.has_loops``). The forward keeps only the outputs and the
+    backward recomputes each chunk's probabilities (``docs/design.md``).
 
     Args:
         config (NSAConfig): sizes.
@@ -339,13 +340,14 @@ class BlockGroupedSelectedAttention(nn.Cell):
             (static; 0 for all of it).
 
     Outputs:
-        Tensor ``(T, H, Dv)``.
+        Tensor ``(T, H, Dv)``; rows of the dense chunks (:func:`dense_chunks`) are left 0.
     """
 
     def __init__(self, config, precision=None):
         super().__init__()
         self.block = config.select_block_size
         self.chunk = config.query_chunk_size
+        self.dense_rows = config.select_dense_rows
         self.kv_heads = config.num_kv_heads
         self.group = config.group_size
         self.count = config.select_block_count
@@ -379,7 +381,7 @@ class BlockGroupedSelectedAttention(nn.Cell):
             out = ops.zeros((rows_in[0].shape[0], q.shape[1], v_blocks.shape[1] // self.block), q.dtype)
         else:  # every chunk runs on its own rows
             rows_in, out = (q, blocks, valid, first_block, position), q
-        pieces = []
+        pieces = []  # the one-chunk buckets' outputs, in order
         for first, last, num_blocks, c0, c1 in buckets:
             if last - first == 1:  # one chunk: its rows directly, no loop machinery (the same arithmetic)
                 pieces.append(self._chunk_forward(tuple(x[c0:c1] for x in (q, blocks, valid, first_block, position)),
@@ -393,13 +395,20 @@ class BlockGroupedSelectedAttention(nn.Cell):
                                                 num_blocks)
                 out = _SCATTER_UPDATE(out, rows, out_chunk)
                 j = j + 1
-            pieces.append(out[c0:c1])
-        return pieces[0] if len(pieces) == 1 else ops.cat(pieces, 0)
+        first_row, loop_row, _ = loop_rows(buckets)
+        if not pieces:  # every bucket loops: their buffer, zero before their rows
+            return out[:total]
+        if loop_row < total:  # the loops' rows, after the one-chunk buckets'
+            pieces.append(out[loop_row:total])
+        if first_row > 0:  # rows before the buckets' are left 0
+            pieces = [ops.zeros((first_row,) + pieces[0].shape[1:], q.dtype)] + pieces
+        return pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
 
     def bprop(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, row_offset, out, dout):
         total = q.shape[0]
         p = self.precision
         buckets = self._buckets(total, k_blocks.shape[0], row_offset)
+        first_row, loop_row, _ = loop_rows(buckets)
         if has_loops(buckets):  # as the forward (both arms assign: see attention_math)
             rows_in = self._padded(q, blocks, valid, first_block, position)
             out_rows, dout_rows = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
@@ -408,12 +417,13 @@ class BlockGroupedSelectedAttention(nn.Cell):
             rows_in, out_rows, dout_rows, d_q = (q, blocks, valid, first_block, position), out, dout, q
         # a block's gradient sums over the tiles that read it: float32 accumulators
         d_k, d_v = _ZEROS_LIKE(p.stats(k_blocks)), _ZEROS_LIKE(p.stats(v_blocks))
-        pieces = []
+        pieces = []  # the one-chunk buckets' d_q, in order
         for first, last, num_blocks, c0, c1 in buckets:
             if last - first == 1:  # one chunk, as the forward
-                d_q_piece, d_k_chunk, d_v_chunk = self._chunk_backward(
+                d_q_chunk, d_k_chunk, d_v_chunk = self._chunk_backward(
                     tuple(x[c0:c1] for x in (q, blocks, valid, first_block, position)), k_blocks, v_blocks,
                     out[c0:c1], dout[c0:c1], num_blocks)
+                pieces.append(d_q_chunk)
                 d_k = d_k + d_k_chunk
                 d_v = d_v + d_v_chunk
             else:
@@ -428,9 +438,12 @@ class BlockGroupedSelectedAttention(nn.Cell):
                     d_k = d_k + d_k_chunk
                     d_v = d_v + d_v_chunk
                     j = j + 1
-                d_q_piece = d_q[c0:c1]
-            pieces.append(d_q_piece)
-        d_q = pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
+        if loop_row > first_row:  # one-chunk buckets: rows before them get no gradient, the loops' rows last
+            pieces = ([_ZEROS_LIKE(q[:first_row])] if first_row > 0 else []) + pieces + (
+                [d_q[loop_row:total]] if loop_row < total else [])
+            d_q = pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
+        else:  # every bucket loops: the loops' buffer has zero rows before theirs
+            d_q = d_q[:total]
         return (d_q, p.hold(d_k), p.hold(d_v), _ZEROS_LIKE(blocks), _ZEROS_LIKE(valid),
                 _ZEROS_LIKE(first_block), _ZEROS_LIKE(position), 0)
 
@@ -473,7 +486,7 @@ class BlockGroupedSelectedAttention(nn.Cell):
     def _buckets(self, total, block_rows, row_offset):
         """Static ``(first, last, num_blocks, c0, c1)`` ranges of the query chunks, each reading the
         block slots its range's last chunk can reach (``_reach``; ``T`` unpadded)."""
-        return _reach(total, block_rows // self.kv_heads, self.chunk, self.block, row_offset)
+        return _reach(total, block_rows // self.kv_heads, self.chunk, self.block, self.dense_rows, row_offset)
 
     def _tiles(self, rows_in, k_blocks, v_blocks, num_blocks):
         """The plan of a chunk over its first ``num_blocks`` block slots and its tiles, from the chunk's

@@ -12,7 +12,6 @@ from .attention_math import (
     attention_probs,
     column_tiled,
     group_queries,
-    has_loops,
     masked_score,
     padded_rows,
     ungroup_outputs,
@@ -57,17 +56,11 @@ def _padding_rows(rows, needed):
 
 
 @constexpr
-def _window_buckets(total, chunk):
-    """The query chunks as one static ``(first, last, c0, c1)`` range (rows ``c0 .. c1 - 1``): one graph
-    loop over all of them (every chunk does the same work, so one loop body serves them; measured,
-    unrolling 4 chunks compiles slower), or, for a single chunk, that chunk on its own rows."""
-    return ((0, -(-total // chunk), 0, total),)
-
-
-@constexpr
-def _key_row_range(first, last):
-    """``(last - first, 1)`` int32 rows ``first .. last - 1`` (a one-chunk range's key rows)."""
-    return Tensor(np.arange(first, last, dtype=np.int32).reshape(-1, 1))
+def _distances(rows, window):
+    """``(rows, rows + w - 1)`` int32 distance from query ``i`` back to key ``j`` of its rows (from ``w - 1``
+    before the first query), ``w`` for keys after the query, which no reach admits."""
+    distance = (window - 1) + np.arange(rows).reshape(-1, 1) - np.arange(rows + window - 1)
+    return Tensor(np.where(distance < 0, window, distance).astype(np.int32))
 
 
 @constexpr
@@ -83,7 +76,8 @@ class SlidingWindowAttention(nn.Cell):
     """Banded causal attention over a whole sequence: row ``t`` sees rows ``t - w + 1 .. t`` of its segment.
 
     The queries go through in chunks of ``C`` (:func:`window_chunk_size`) in one graph loop (compiled
-    once, whatever ``T``; a single chunk on its own rows, no loop machinery). Chunk ``j`` reads
+    once, whatever ``T``; measured, unrolling four chunks compiles slower), or, when ``T`` fits one
+    chunk, as that chunk on its own rows (no loop machinery, the same arithmetic). Chunk ``j`` reads
     the ``C + w - 1`` key rows from ``w - 1`` before it, so the distance from query ``i`` back to key
     ``j`` is ``(w - 1) + i - j`` whatever the layout: a constant table, and only the segment start (the
     query's in-segment position) is data. The forward keeps only the outputs; the backward recomputes
@@ -113,8 +107,7 @@ class SlidingWindowAttention(nn.Cell):
         self.keys = self.chunk + self.window - 1
         # distance[i, j] from query i of a chunk to key j of its rows (from w - 1 before the chunk);
         # keys after the query get w, which no reach (at most w - 1) admits
-        distance = (self.window - 1) + np.arange(self.chunk).reshape(-1, 1) - np.arange(self.keys)
-        self.distance = Tensor(np.where(distance < 0, self.window, distance).astype(np.int32))
+        self.distance = _distances(self.chunk, self.window)
         self.query_rows = Tensor(np.arange(self.chunk, dtype=np.int32).reshape(-1, 1))
         self.key_rows = Tensor(np.arange(self.keys, dtype=np.int32).reshape(-1, 1))
         self.precision = precision_of(config, precision)
@@ -125,82 +118,60 @@ class SlidingWindowAttention(nn.Cell):
 
     def construct(self, q, k, v, position, row_offset):
         total = q.shape[0]
-        buckets = _window_buckets(total, self.chunk)
-        keys = self.window - 1
-        if has_loops(buckets):  # whole chunks for the loop's gathers, and its outputs
-            q_rows, position_rows = padded_rows(q, self.chunk), padded_rows(position, self.chunk)
-            out = ops.zeros((q_rows.shape[0], q.shape[1], v.shape[2]), q.dtype)
-        else:  # every chunk runs on its own rows
-            q_rows, position_rows, out = q, position, q
-        k_rows = self._key_rows(k, self.k_front, row_offset, q_rows.shape[0])
-        v_rows = self._key_rows(v, self.v_front, row_offset, q_rows.shape[0])
-        pieces = []
-        for first, last, c0, c1 in buckets:
-            if last - first == 1:  # one chunk: its rows directly, no loop machinery (the same arithmetic)
-                q_chunk, k_chunk, v_chunk, bias = self._chunk(q[c0:c1], k_rows[c0:c1 + keys], v_rows[c0:c1 + keys],
-                                                              position[c0:c1])
-                out_chunk = attention_forward(q_chunk, k_chunk, v_chunk, bias, self.scale, self.precision)[0]
-                pieces.append(ungroup_outputs(out_chunk, c1 - c0))
-                continue
-            j = Tensor(first, ms.int32)
-            while j < last:
-                rows = self.query_rows + j * self.chunk
-                q_chunk, k_chunk, v_chunk, bias = self._chunk(*self._gathered(q_rows, k_rows, v_rows, position_rows, j))
-                out_chunk = attention_forward(q_chunk, k_chunk, v_chunk, bias, self.scale, self.precision)[0]
-                out = _SCATTER_UPDATE(out, rows, ungroup_outputs(out_chunk, self.chunk))
-                j = j + 1
-            pieces.append(out[c0:c1])
-        return pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
+        if total <= self.chunk:  # one chunk: its rows directly, no loop machinery (the same arithmetic)
+            k_rows = self._key_rows(k, self.k_front, row_offset, total)
+            v_rows = self._key_rows(v, self.v_front, row_offset, total)
+            q_chunk, k_chunk, v_chunk, bias = self._whole(q, k_rows, v_rows, position)
+            out_chunk = attention_forward(q_chunk, k_chunk, v_chunk, bias, self.scale, self.precision)[0]
+            return ungroup_outputs(out_chunk, total)
+        q, position = padded_rows(q, self.chunk), padded_rows(position, self.chunk)
+        k_rows = self._key_rows(k, self.k_front, row_offset, q.shape[0])
+        v_rows = self._key_rows(v, self.v_front, row_offset, q.shape[0])
+        out = ops.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
+        j = Tensor(0, ms.int32)
+        while j < q.shape[0] // self.chunk:
+            rows = self.query_rows + j * self.chunk
+            q_chunk, k_chunk, v_chunk, bias = self._chunk(q, k_rows, v_rows, position, j)
+            out_chunk = attention_forward(q_chunk, k_chunk, v_chunk, bias, self.scale, self.precision)[0]
+            out = _SCATTER_UPDATE(out, rows, ungroup_outputs(out_chunk, self.chunk))
+            j = j + 1
+        return out[:total]
 
     def bprop(self, q, k, v, position, row_offset, out, dout):
         total = q.shape[0]
         p = self.precision
-        buckets = _window_buckets(total, self.chunk)
-        keys = self.window - 1
-        if has_loops(buckets):  # as the forward (both arms assign: see attention_math)
-            q_rows, position_rows = padded_rows(q, self.chunk), padded_rows(position, self.chunk)
-            out_rows, dout_rows = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
-            d_q = _ZEROS_LIKE(q_rows)
-        else:
-            q_rows, position_rows, out_rows, dout_rows, d_q = q, position, out, dout, q
-        k_rows = self._key_rows(k, self.k_front, row_offset, q_rows.shape[0])
-        v_rows = self._key_rows(v, self.v_front, row_offset, q_rows.shape[0])
+        if total <= self.chunk:  # one chunk, as the forward
+            k_rows = self._key_rows(k, self.k_front, row_offset, total)
+            v_rows = self._key_rows(v, self.v_front, row_offset, total)
+            q_chunk, k_chunk, v_chunk, bias = self._whole(q, k_rows, v_rows, position)
+            probs = attention_probs(q_chunk, k_chunk, bias, self.scale, p)
+            dq_chunk, dk_chunk, dv_chunk = attention_backward(
+                q_chunk, k_chunk, v_chunk, probs, group_queries(out, self.kv_heads),
+                group_queries(dout, self.kv_heads), self.scale, p)
+            return (ungroup_outputs(dq_chunk, total),
+                    p.hold(self._key_grad(p.stats(dk_chunk).transpose(1, 0, 2), k, row_offset)),
+                    p.hold(self._key_grad(p.stats(dv_chunk).transpose(1, 0, 2), v, row_offset)),
+                    _ZEROS_LIKE(position), 0)
+        q, position = padded_rows(q, self.chunk), padded_rows(position, self.chunk)
+        out, dout = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
+        k_rows = self._key_rows(k, self.k_front, row_offset, q.shape[0])
+        v_rows = self._key_rows(v, self.v_front, row_offset, q.shape[0])
         # a key row's gradient sums over the chunks that read it: float32 accumulators
-        d_k, d_v = _ZEROS_LIKE(p.stats(k_rows)), _ZEROS_LIKE(p.stats(v_rows))
-        pieces = []
-        for first, last, c0, c1 in buckets:
-            if last - first == 1:  # one chunk, as the forward
-                q_chunk, k_chunk, v_chunk, bias = self._chunk(q[c0:c1], k_rows[c0:c1 + keys], v_rows[c0:c1 + keys],
-                                                              position[c0:c1])
-                probs = attention_probs(q_chunk, k_chunk, bias, self.scale, p)
-                dq_chunk, dk_chunk, dv_chunk = attention_backward(
-                    q_chunk, k_chunk, v_chunk, probs, group_queries(out[c0:c1], self.kv_heads),
-                    group_queries(dout[c0:c1], self.kv_heads), self.scale, p)
-                key_rows = _key_row_range(c0, c1 + keys)
-                d_k = _SCATTER_ADD(d_k, key_rows, p.stats(dk_chunk).transpose(1, 0, 2))
-                d_v = _SCATTER_ADD(d_v, key_rows, p.stats(dv_chunk).transpose(1, 0, 2))
-                d_q_piece = ungroup_outputs(dq_chunk, c1 - c0)
-            else:
-                j = Tensor(first, ms.int32)
-                while j < last:
-                    rows = self.query_rows + j * self.chunk
-                    q_chunk, k_chunk, v_chunk, bias = self._chunk(
-                        *self._gathered(q_rows, k_rows, v_rows, position_rows, j))
-                    # recomputed: the same as the forward's
-                    probs = attention_probs(q_chunk, k_chunk, bias, self.scale, p)
-                    dq_chunk, dk_chunk, dv_chunk = attention_backward(
-                        q_chunk, k_chunk, v_chunk, probs, self._grouped(out_rows, rows), self._grouped(dout_rows, rows),
-                        self.scale, p)
-                    key_rows = self.key_rows + j * self.chunk
-                    d_q = _SCATTER_UPDATE(d_q, rows, ungroup_outputs(dq_chunk, self.chunk))
-                    d_k = _SCATTER_ADD(d_k, key_rows, p.stats(dk_chunk).transpose(1, 0, 2))
-                    d_v = _SCATTER_ADD(d_v, key_rows, p.stats(dv_chunk).transpose(1, 0, 2))
-                    j = j + 1
-                d_q_piece = d_q[c0:c1]
-            pieces.append(d_q_piece)
-        d_q = pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
-        return (d_q, p.hold(self._key_grad(d_k, k, row_offset)), p.hold(self._key_grad(d_v, v, row_offset)),
-                _ZEROS_LIKE(position), 0)
+        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(p.stats(k_rows)), _ZEROS_LIKE(p.stats(v_rows))
+        j = Tensor(0, ms.int32)
+        while j < q.shape[0] // self.chunk:
+            rows = self.query_rows + j * self.chunk
+            q_chunk, k_chunk, v_chunk, bias = self._chunk(q, k_rows, v_rows, position, j)
+            probs = attention_probs(q_chunk, k_chunk, bias, self.scale, p)  # recomputed: the same as the forward's
+            dq_chunk, dk_chunk, dv_chunk = attention_backward(
+                q_chunk, k_chunk, v_chunk, probs, self._grouped(out, rows), self._grouped(dout, rows), self.scale, p)
+            key_rows = self.key_rows + j * self.chunk
+            d_q = _SCATTER_UPDATE(d_q, rows, ungroup_outputs(dq_chunk, self.chunk))
+            d_k = _SCATTER_ADD(d_k, key_rows, p.stats(dk_chunk).transpose(1, 0, 2))
+            d_v = _SCATTER_ADD(d_v, key_rows, p.stats(dv_chunk).transpose(1, 0, 2))
+            j = j + 1
+        return (d_q[:total], p.hold(self._key_grad(d_k, k, row_offset)), p.hold(self._key_grad(d_v, v, row_offset)),
+                _ZEROS_LIKE(position[:total]), 0)
 
     def _key_rows(self, x, front, row_offset, rows):
         """The key rows the ``rows`` (padded) queries from ``row_offset`` on read: from ``w - 1`` before
@@ -222,22 +193,23 @@ class SlidingWindowAttention(nn.Cell):
         """Rows ``rows`` of ``(T, H, F)`` as grouped query rows ``(Hkv, G*C, F)``."""
         return group_queries(_GATHER(x, rows.reshape(-1), 0), self.kv_heads)
 
-    def _gathered(self, q, k_rows, v_rows, position, j):
-        """Chunk ``j``'s rows in a loop: its queries, its ``C + w - 1`` key and value rows, its positions."""
-        key_rows = (self.key_rows + j * self.chunk).reshape(-1)
-        rows = (self.query_rows + j * self.chunk).reshape(-1)
-        return (_GATHER(q, rows, 0), _GATHER(k_rows, key_rows, 0), _GATHER(v_rows, key_rows, 0),
-                _GATHER(position, rows, 0))
-
-    def _chunk(self, q, k_rows, v_rows, position):
-        """A chunk's grouped queries, its head-major key and value rows and the bias, from its ``C' <= C``
-        queries ``q``, their ``C' + w - 1`` key and value rows (from ``w - 1`` before the first query)
-        and their positions: the first ``C'`` rows of the distance table are the same distances."""
+    def _whole(self, q, k_rows, v_rows, position):
+        """:meth:`_chunk` for all ``C' <= C`` queries at once, from their ``C' + w - 1`` key and value rows
+        (from ``w - 1`` before the first query)."""
         rows = q.shape[0]
         keys = k_rows.shape[0]
-        reach = window_reach(position, self.window)
-        # a key at distance 0 .. min(position, w - 1) rows back: in the window and, since the query's
-        # segment starts `position` rows back, in its segment (no segment-id comparison)
-        visible = self.distance[:rows, :keys] <= column_tiled(reach, keys)
+        visible = _distances(rows, self.window) <= column_tiled(window_reach(position, self.window), keys)
         bias = visibility_bias(visible, self.precision.softmax_storage, self.masked).reshape(1, rows, keys)
         return group_queries(q, self.kv_heads), k_rows.transpose(1, 0, 2), v_rows.transpose(1, 0, 2), bias
+
+    def _chunk(self, q, k_rows, v_rows, position, j):
+        """Chunk ``j``'s grouped queries, its ``C + w - 1`` head-major key and value rows, and the bias."""
+        key_rows = (self.key_rows + j * self.chunk).reshape(-1)
+        rows = (self.query_rows + j * self.chunk).reshape(-1)
+        reach = window_reach(_GATHER(position, rows, 0), self.window)
+        # a key at distance 0 .. min(position, w - 1) rows back: in the window and, since the query's
+        # segment starts `position` rows back, in its segment (no segment-id comparison)
+        visible = self.distance <= column_tiled(reach, self.keys)
+        bias = visibility_bias(visible, self.precision.softmax_storage, self.masked).reshape(1, self.chunk, self.keys)
+        return (self._grouped(q, rows), _GATHER(k_rows, key_rows, 0).transpose(1, 0, 2),
+                _GATHER(v_rows, key_rows, 0).transpose(1, 0, 2), bias)

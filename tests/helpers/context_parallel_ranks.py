@@ -40,15 +40,21 @@ class GatherTokens(nn.Cell):
 
 
 class RankLoss(nn.Cell):
-    """``sum(body(q, all_gather(k), all_gather(v), ...) * probe)`` on this rank's rows."""
+    """``sum(body(q, all_gather(k), all_gather(v), ...) * probe)`` on this rank's rows. The keys and
+    values go through one all-gather (side by side), so each backward has one all-reduce: two
+    independent collectives may run in a different order on ranks whose graphs differ (each rank's
+    query offset is static), and a ring all-reduce then pairs tensors of different sizes."""
 
     def __init__(self, shard, rank):
         super().__init__()
         self.core_shard, self.gather = shard, GatherTokens(rank)
 
     def construct(self, q, k, v, gates, actual_seq_len, k_weight, v_weight, v_position_embedding, probe):
-        out = self.core_shard.rank_forward(q, self.gather(k), self.gather(v), gates, actual_seq_len, k_weight,
-                                           v_weight, v_position_embedding)
+        rows, heads, dim = k.shape
+        kv = self.gather(ops.cat((k.reshape(rows, heads * dim), v.reshape(rows, -1)), 1))
+        k_all, v_all = kv[:, :heads * dim].reshape(-1, heads, dim), kv[:, heads * dim:].reshape(-1, heads, v.shape[2])
+        out = self.core_shard.rank_forward(q, k_all, v_all, gates, actual_seq_len, k_weight, v_weight,
+                                           v_position_embedding)
         return (out * probe).sum(), out
 
 
