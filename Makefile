@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nsa-layers-installed
 
-.PHONY: setup demo test test-all lint bench bench-attention bench-decode clean
+.PHONY: setup demo test test-all lint bench bench-attention bench-decode bench-unit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-attention: $(STAMP)
 
 bench-decode: $(STAMP)
 	$(PY) bench/bench_decode.py
+
+bench-unit: $(STAMP)
+	$(PY) bench/bench_unit.py
 
 clean:
 	rm -rf $(VENV) output

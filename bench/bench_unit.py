@@ -10,11 +10,12 @@ process:
 - PyNative: the median of the steps after the first (the first pays one-time op compilation);
 - graph (``mindspore.jit``): the first call (compile + run) and the median of the later steps.
 
-Kernels per step: the kernel launches MindSpore's profiler records in one more step (PyNative: the
-ops run one by one; graph: the kernels of the compiled graph as it runs, loop bodies once per
-iteration). ``--profile IMPL T MODE`` prints where that step's op time goes instead.
+Kernels per step: the kernel launches MindSpore's profiler records in one more step (graph: the
+kernels of the compiled graph as it runs, loop bodies once per iteration; PyNative: the ops it
+records, which miss those of MindSpore's fast path, so the counts are low there).
+``--profile IMPL T MODE`` prints where that step's op time goes instead.
 
-Run: ``python bench/bench_unit.py [--lengths 96 1024] [--steps 5]``.
+Run: ``make bench-unit`` or ``python bench/bench_unit.py [--lengths 96 1024] [--steps 5]``.
 """
 
 import argparse
