@@ -484,8 +484,8 @@ class BlockGroupedSelectedAttention(nn.Cell):
                 padded_rows(first_block, chunk), padded_rows(position, chunk))
 
     def _buckets(self, total, block_rows, row_offset):
-        """Static ``(first, last, num_blocks, c0, c1)`` ranges of the query chunks, each reading the
-        block slots its range's last chunk can reach (``_reach``; ``T`` unpadded)."""
+        """Static ``(first, last, num_blocks, c0, c1)`` ranges of the query chunks after the dense ones,
+        each reading the block slots its range's last chunk can reach (``_reach``; ``T`` unpadded)."""
         return _reach(total, block_rows // self.kv_heads, self.chunk, self.block, self.dense_rows, row_offset)
 
     def _tiles(self, rows_in, k_blocks, v_blocks, num_blocks):
