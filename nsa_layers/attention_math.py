@@ -13,9 +13,9 @@ from mindspore.ops import constexpr
 
 from .precision import FLOAT32
 
-__all__ = ["MASKED", "masked_score", "index_range", "LOOP_BUCKETS", "chunk_buckets", "has_loops", "loop_rows",
-           "padded_rows", "group_queries", "ungroup_outputs", "visibility_bias", "column_tiled", "row_tiled", "row_dot",
-           "attention_forward", "attention_probs", "attention_backward", "MaskedAttention"]
+__all__ = ["MASKED", "masked_score", "index_range", "chunk_buckets", "loop_rows", "padded_rows", "group_queries",
+           "ungroup_outputs", "visibility_bias", "column_tiled", "row_tiled", "row_dot", "attention_forward",
+           "attention_probs", "attention_backward", "MaskedAttention"]
 
 # Primitives, not ops.* functions, in what a graph-mode bprop calls: MindSpore 2.9 fails to compile
 # many ops.* functions there (their Python branches). A branch on static shapes compiles in a function
@@ -67,11 +67,11 @@ def padded_rows(x, multiple):
     return _CONCAT_ROWS((flat, _TILE(_ZEROS_LIKE(flat[:1]), (pad, 1)))).reshape((total + pad,) + x.shape[1:])
 
 
-# graph loops (buckets of consecutive query chunks) of a branch whose per-chunk work grows along the sequence
-LOOP_BUCKETS = 4
+# query chunks per graph loop of a branch whose per-chunk work grows along the sequence
+_BUCKETS = 4
 
 
-def chunk_buckets(first, last, count=LOOP_BUCKETS):
+def chunk_buckets(first, last, count=_BUCKETS):
     """Chunk indices ``first .. last - 1`` cut into at most ``count`` consecutive ``(first, last)``
     ranges of nearly equal size, the larger ones last (static Python; one graph loop each, or a range
     of one chunk on its own rows: :func:`loop_rows`). No chunks, no ranges."""
@@ -86,25 +86,18 @@ def chunk_buckets(first, last, count=LOOP_BUCKETS):
 
 
 @constexpr
-def has_loops(buckets):
-    """Whether any of the static ``(first, last, ..., c0, c1)`` chunk ranges spans more than one chunk: a
-    graph loop, whose gathers need the inputs padded to whole chunks. A range of one chunk runs on its
-    own rows (static slices, no loop machinery: the same arithmetic as a loop iteration)."""
-    return any(bucket[1] - bucket[0] > 1 for bucket in buckets)
-
-
-@constexpr
 def loop_rows(buckets):
-    """``(first_row, loop_row, total)`` of the static ``(first, last, ..., c0, c1)`` chunk ranges: the
-    rows they cover, ``first_row .. total - 1``, of which the loops' are ``loop_row ..`` (``total`` with
-    no loop). The one-chunk ranges come first (``chunk_buckets``' sizes do not decrease), so a branch
-    joins their own rows and then one slice of its loops' output."""
+    """``(first_row, loop_row)`` of the static ``(first, last, ..., c0, c1)`` chunk ranges: the first row
+    they cover, and the first row of their graph loops (ranges of several chunks, whose gathers need
+    the inputs padded to whole chunks), or the rows' end ``c1`` of the last range if none loops. A
+    range of one chunk runs on its own rows (static slices, no loop machinery: the same arithmetic as
+    a loop iteration). Those come first (``chunk_buckets``' sizes do not decrease), so a branch joins
+    their rows and then one slice of its loops' output."""
     sizes = [bucket[1] - bucket[0] for bucket in buckets]
     loops = [i for i, size in enumerate(sizes) if size > 1]
     if loops and min(sizes[loops[0]:]) == 1:
         raise ValueError(f"loop_rows: one-chunk ranges must come before the loops, got {buckets}")
-    total = buckets[-1][-1]
-    return buckets[0][-2], buckets[loops[0]][-2] if loops else total, total
+    return buckets[0][-2], buckets[loops[0]][-2] if loops else buckets[-1][-1]
 
 
 def group_queries(q, kv_heads):

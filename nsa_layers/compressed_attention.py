@@ -14,7 +14,6 @@ from .attention_math import (
     chunk_buckets,
     column_tiled,
     group_queries,
-    has_loops,
     index_range,
     loop_rows,
     masked_score,
@@ -66,7 +65,7 @@ class CompressedAttention(nn.Cell):
     The queries go through in chunks of ``query_chunk_size`` in graph loops (compiled once each,
     whatever ``T``): one loop per bucket of consecutive chunks, each chunk against the window slots
     its bucket's last chunk can reach (static shapes in a loop, fewer wasted slots than one loop over
-    all of them); a bucket of one chunk runs on its own rows (``attention_math.has_loops``). The
+    all of them); a bucket of one chunk runs on its own rows (``attention_math.loop_rows``). The
     forward keeps only the outputs, the backward recomputes each chunk's probabilities
     (``docs/design.md``).
 
@@ -103,7 +102,8 @@ class CompressedAttention(nn.Cell):
     def construct(self, q, k, v, first_window, windows_ended, position, row_offset):
         total = q.shape[0]
         buckets = _buckets(total, k.shape[0], self.chunk, self.stride, row_offset)
-        if has_loops(buckets):  # whole chunks for the loops' gathers, and their outputs
+        _, loop_row = loop_rows(buckets)
+        if loop_row < total:  # whole chunks for the loops' gathers, and their outputs
             q_pad, first_pad, ended_pad, position_pad = self._padded(q, first_window, windows_ended, position)
             out = ops.zeros((q_pad.shape[0], q.shape[1], v.shape[2]), q.dtype)
             blocks = ops.zeros((q_pad.shape[0], self.kv_heads, self.count), ms.int32)
@@ -134,7 +134,6 @@ class CompressedAttention(nn.Cell):
                 blocks = _SCATTER_UPDATE(blocks, rows, chosen)
                 valid = _SCATTER_UPDATE(valid, rows, used)
                 j = j + 1
-        _, loop_row, _ = loop_rows(buckets)
         if not pieces:  # every bucket loops
             return out[:total], blocks[:total], valid[:total]
         if loop_row < total:  # the loops' rows, after the one-chunk buckets'
@@ -147,7 +146,8 @@ class CompressedAttention(nn.Cell):
         total = q.shape[0]
         p = self.precision
         buckets = _buckets(total, k.shape[0], self.chunk, self.stride, row_offset)
-        if has_loops(buckets):  # as the forward (both arms assign: see attention_math)
+        _, loop_row = loop_rows(buckets)
+        if loop_row < total:  # as the forward (both arms assign: see attention_math)
             q_pad, first_pad, ended_pad = (padded_rows(x, self.chunk) for x in (q, first_window, windows_ended))
             outputs, d_outputs = padded_rows(out[0], self.chunk), padded_rows(dout[0], self.chunk)
             d_q = _ZEROS_LIKE(q_pad)
@@ -184,11 +184,7 @@ class CompressedAttention(nn.Cell):
             else:
                 d_k = d_k + d_k_reach
                 d_v = d_v + d_v_reach
-        _, loop_row, _ = loop_rows(buckets)
-        if loop_row < total:  # the loops' rows, after the one-chunk buckets' (both arms assign: see attention_math)
-            pieces = pieces + [d_q[loop_row:total]]
-        else:
-            pieces = pieces + []
+        pieces = pieces + ([d_q[loop_row:total]] if loop_row < total else [])  # the loops' rows last
         d_q = pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
         return (d_q, p.hold(d_k).transpose(1, 0, 2), p.hold(d_v).transpose(1, 0, 2),
                 _ZEROS_LIKE(first_window), _ZEROS_LIKE(windows_ended), _ZEROS_LIKE(position), 0)

@@ -22,7 +22,6 @@ from .attention_math import (
     chunk_buckets,
     column_tiled,
     group_queries,
-    has_loops,
     index_range,
     loop_rows,
     masked_score,
@@ -324,7 +323,7 @@ class BlockGroupedSelectedAttention(nn.Cell):
 
     The query chunks that end after row ``select_dense_rows`` (:func:`dense_chunks`) go through one
     graph loop per bucket of consecutive chunks (compiled once each, whatever ``T``), a bucket of one
-    chunk on its own rows (``attention_math.has_loops``). The forward keeps only the outputs and the
+    chunk on its own rows (``attention_math.loop_rows``). The forward keeps only the outputs and the
     backward recomputes each chunk's probabilities (``docs/design.md``).
 
     Args:
@@ -376,7 +375,8 @@ class BlockGroupedSelectedAttention(nn.Cell):
     def construct(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, row_offset):
         total = q.shape[0]
         buckets = self._buckets(total, k_blocks.shape[0], row_offset)
-        if has_loops(buckets):  # whole chunks for the loops' gathers, and their outputs
+        first_row, loop_row = loop_rows(buckets)
+        if loop_row < total:  # whole chunks for the loops' gathers, and their outputs
             rows_in = self._padded(q, blocks, valid, first_block, position)
             out = ops.zeros((rows_in[0].shape[0], q.shape[1], v_blocks.shape[1] // self.block), q.dtype)
         else:  # every chunk runs on its own rows
@@ -395,7 +395,6 @@ class BlockGroupedSelectedAttention(nn.Cell):
                                                 num_blocks)
                 out = _SCATTER_UPDATE(out, rows, out_chunk)
                 j = j + 1
-        first_row, loop_row, _ = loop_rows(buckets)
         if not pieces:  # every bucket loops: their buffer, zero before their rows
             return out[:total]
         if loop_row < total:  # the loops' rows, after the one-chunk buckets'
@@ -408,8 +407,8 @@ class BlockGroupedSelectedAttention(nn.Cell):
         total = q.shape[0]
         p = self.precision
         buckets = self._buckets(total, k_blocks.shape[0], row_offset)
-        first_row, loop_row, _ = loop_rows(buckets)
-        if has_loops(buckets):  # as the forward (both arms assign: see attention_math)
+        first_row, loop_row = loop_rows(buckets)
+        if loop_row < total:  # as the forward (both arms assign: see attention_math)
             rows_in = self._padded(q, blocks, valid, first_block, position)
             out_rows, dout_rows = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
             d_q = _ZEROS_LIKE(rows_in[0])

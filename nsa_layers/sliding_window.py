@@ -121,7 +121,7 @@ class SlidingWindowAttention(nn.Cell):
         if total <= self.chunk:  # one chunk: its rows directly, no loop machinery (the same arithmetic)
             k_rows = self._key_rows(k, self.k_front, row_offset, total)
             v_rows = self._key_rows(v, self.v_front, row_offset, total)
-            q_chunk, k_chunk, v_chunk, bias = self._whole(q, k_rows, v_rows, position)
+            q_chunk, k_chunk, v_chunk, bias = self._inputs(q, k_rows, v_rows, position, _distances(total, self.window))
             out_chunk = attention_forward(q_chunk, k_chunk, v_chunk, bias, self.scale, self.precision)[0]
             return ungroup_outputs(out_chunk, total)
         q, position = padded_rows(q, self.chunk), padded_rows(position, self.chunk)
@@ -143,7 +143,7 @@ class SlidingWindowAttention(nn.Cell):
         if total <= self.chunk:  # one chunk, as the forward
             k_rows = self._key_rows(k, self.k_front, row_offset, total)
             v_rows = self._key_rows(v, self.v_front, row_offset, total)
-            q_chunk, k_chunk, v_chunk, bias = self._whole(q, k_rows, v_rows, position)
+            q_chunk, k_chunk, v_chunk, bias = self._inputs(q, k_rows, v_rows, position, _distances(total, self.window))
             probs = attention_probs(q_chunk, k_chunk, bias, self.scale, p)
             dq_chunk, dk_chunk, dv_chunk = attention_backward(
                 q_chunk, k_chunk, v_chunk, probs, group_queries(out, self.kv_heads),
@@ -193,23 +193,21 @@ class SlidingWindowAttention(nn.Cell):
         """Rows ``rows`` of ``(T, H, F)`` as grouped query rows ``(Hkv, G*C, F)``."""
         return group_queries(_GATHER(x, rows.reshape(-1), 0), self.kv_heads)
 
-    def _whole(self, q, k_rows, v_rows, position):
-        """:meth:`_chunk` for all ``C' <= C`` queries at once, from their ``C' + w - 1`` key and value rows
-        (from ``w - 1`` before the first query)."""
+    def _inputs(self, q, k_rows, v_rows, position, distance):
+        """A chunk's grouped queries, its head-major key and value rows and the bias, from its ``C``
+        queries ``q``, their ``C + w - 1`` key and value rows (from ``w - 1`` before the first query),
+        their positions and the ``(C, C + w - 1)`` distance table (:func:`_distances`)."""
         rows = q.shape[0]
         keys = k_rows.shape[0]
-        visible = _distances(rows, self.window) <= column_tiled(window_reach(position, self.window), keys)
+        # a key at distance 0 .. min(position, w - 1) rows back: in the window and, since the query's
+        # segment starts `position` rows back, in its segment (no segment-id comparison)
+        visible = distance <= column_tiled(window_reach(position, self.window), keys)
         bias = visibility_bias(visible, self.precision.softmax_storage, self.masked).reshape(1, rows, keys)
         return group_queries(q, self.kv_heads), k_rows.transpose(1, 0, 2), v_rows.transpose(1, 0, 2), bias
 
     def _chunk(self, q, k_rows, v_rows, position, j):
-        """Chunk ``j``'s grouped queries, its ``C + w - 1`` head-major key and value rows, and the bias."""
+        """:meth:`_inputs` of chunk ``j`` of the padded queries, gathered in a loop."""
         key_rows = (self.key_rows + j * self.chunk).reshape(-1)
         rows = (self.query_rows + j * self.chunk).reshape(-1)
-        reach = window_reach(_GATHER(position, rows, 0), self.window)
-        # a key at distance 0 .. min(position, w - 1) rows back: in the window and, since the query's
-        # segment starts `position` rows back, in its segment (no segment-id comparison)
-        visible = self.distance <= column_tiled(reach, self.keys)
-        bias = visibility_bias(visible, self.precision.softmax_storage, self.masked).reshape(1, self.chunk, self.keys)
-        return (self._grouped(q, rows), _GATHER(k_rows, key_rows, 0).transpose(1, 0, 2),
-                _GATHER(v_rows, key_rows, 0).transpose(1, 0, 2), bias)
+        return self._inputs(_GATHER(q, rows, 0), _GATHER(k_rows, key_rows, 0), _GATHER(v_rows, key_rows, 0),
+                            _GATHER(position, rows, 0), self.distance)

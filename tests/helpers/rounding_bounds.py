@@ -182,14 +182,12 @@ def gradient_bounds(q, kv, gates, prefix, cfg, weights, scale, selected, target,
                         k_rows, v_rows = k_cmp[rows, h], v_cmp[rows, h]
                         k_abs, v_abs = k_cmp_abs[rows, h], v_cmp_abs[rows, h]
                         dk_rows, dv_rows, mk_rows, mv_rows = d_cmp["k"], d_cmp["v"], m_cmp["k"], m_cmp["v"]
-                        index = rows
                     else:
                         k_rows = np.asarray(kv[branch][0][start:end], np.float64)[rows, h]
                         v_rows = np.asarray(kv[branch][1][start:end], np.float64)[rows, h]
                         k_abs, v_abs = np.abs(k_rows), np.abs(v_rows)
                         dk_rows, dv_rows = grad[f"k_{branch}"][start:end], grad[f"v_{branch}"][start:end]
                         mk_rows, mv_rows = mag[f"k_{branch}"][start:end], mag[f"v_{branch}"][start:end]
-                        index = rows
                     p = _softmax(scale * k_rows @ q[row, n])
                     o, o_abs = p @ v_rows, p @ v_abs
                     d_o, m_o = g[row, n, b] * target[row, n], np.abs(g[row, n, b] * target[row, n])
@@ -199,10 +197,10 @@ def gradient_bounds(q, kv, gates, prefix, cfg, weights, scale, selected, target,
                     m_s = p * (v_abs @ m_o + m_o @ o_abs)
                     grad["q"][row, n] += scale * d_s @ k_rows
                     mag["q"][row, n] += scale * m_s @ k_abs
-                    np.add.at(dk_rows, (index, h), scale * np.outer(d_s, q[row, n]))
-                    np.add.at(mk_rows, (index, h), scale * np.outer(m_s, np.abs(q[row, n])))
-                    np.add.at(dv_rows, (index, h), np.outer(p, d_o))
-                    np.add.at(mv_rows, (index, h), np.outer(p, m_o))
+                    np.add.at(dk_rows, (rows, h), scale * np.outer(d_s, q[row, n]))
+                    np.add.at(mk_rows, (rows, h), scale * np.outer(m_s, np.abs(q[row, n])))
+                    np.add.at(dv_rows, (rows, h), np.outer(p, d_o))
+                    np.add.at(mv_rows, (rows, h), np.outer(p, m_o))
         _compressor_backward(grad, mag, d_cmp, m_cmp, kv["cmp"], weights, start, end, block, stride)
     keys_max = max(max(prefix) // stride + 1, cfg["window_size"], cfg["select_block_count"] * sel)
     fp32 = (2 * keys_max + dq + 2 * block + 16) * U32

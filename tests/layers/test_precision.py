@@ -8,6 +8,7 @@ check: a softmax in the compute dtype breaks the bounds on long rows."""
 import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import Tensor
 
 from helpers.common import random_normal, run
 from helpers.nsa_cases import BRANCHES, Case, as_numpy, assert_selection_equivalent, small_config
@@ -89,9 +90,6 @@ def check_gradients_within_bounds(case, dtype_name, mode="pynative"):
     """The gradients of ``sum(out * target)`` with respect to queries, every branch's keys and values,
     the gates and the compressor parameters, each within its bound (``gradient_bounds``); returns the
     worst error / bound ratio of each."""
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
-    from mindspore import Tensor  # pylint: disable=import-outside-toplevel
-
     net, cfg = case.net, case.cfg
     target = random_normal(np.random.default_rng(5), (case.q.shape[0], cfg.num_heads, cfg.v_head_dim))
     q, k, v, gates = case.tensors()
