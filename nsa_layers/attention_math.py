@@ -13,9 +13,10 @@ from mindspore.ops import constexpr
 
 from .precision import FLOAT32
 
-__all__ = ["MASKED", "masked_score", "index_range", "chunk_buckets", "loop_rows", "padded_rows", "group_queries",
-           "ungroup_outputs", "visibility_bias", "column_tiled", "row_tiled", "row_dot", "attention_forward",
-           "attention_probs", "attention_backward", "MaskedAttention"]
+__all__ = ["MASKED", "masked_score", "index_range", "row_slice", "loop_buffer", "write_rows", "add_rows",
+           "chunk_buckets", "loop_rows", "padded_rows", "group_queries", "ungroup_outputs", "visibility_bias",
+           "column_tiled", "row_tiled", "row_dot", "attention_forward", "attention_probs", "attention_backward",
+           "MaskedAttention"]
 
 # Primitives, not ops.* functions, in what a graph-mode bprop calls: MindSpore 2.9 fails to compile
 # many ops.* functions there (their Python branches). A branch on static shapes compiles in a function
@@ -34,6 +35,11 @@ _TILE = ops.Tile()
 _CONCAT_LAST = ops.Concat(-1)
 _RANGE = ops.Range()
 _CONCAT_ROWS = ops.Concat(0)
+_SLICE = ops.Slice()
+# In place: TensorScatterUpdate / TensorScatterAdd copy their whole input at every loop iteration
+# (quadratic in T; 2.8 ms per iteration for 32 MB here). Only on buffers from loop_buffer.
+_WRITE_ROWS = ops.ScatterUpdate(use_locking=False)
+_ADD_ROWS = ops.ScatterAdd(use_locking=False)
 # Nothing here broadcasts: on MindSpore's CPU backend a broadcasting binary op costs several times its
 # output in memory and time against an explicit tile and a same-shape op (docs/design.md).
 
@@ -54,6 +60,34 @@ def index_range(count):
     """``(count,)`` int32 ``0 .. count - 1`` (the ``Range`` primitive: ``ops.arange`` does not compile in
     a graph-mode bprop)."""
     return _RANGE(ms.Tensor(0, ms.int32), ms.Tensor(count, ms.int32), ms.Tensor(1, ms.int32))
+
+
+def row_slice(x, start, stop):
+    """Rows ``start .. stop - 1`` of ``x`` (static bounds) by the ``Slice`` primitive. ``x[start:stop]``
+    compiles to ``StridedSlice``, which MindSpore 2.9's CPU backend runs about 30x slower when the slice
+    spans the whole tensor (100 ms for 16 MB; docs/design.md): the branches' outputs often do."""
+    return _SLICE(x, (start,) + (0,) * (x.ndim - 1), (stop - start,) + x.shape[1:])
+
+
+def loop_buffer(anchor, shape, dtype):
+    """Zeros of static ``shape`` and ``dtype`` for a graph loop to fill in place (:func:`write_rows`,
+    :func:`add_rows`), computed from the tensor ``anchor`` so that every call makes a new buffer:
+    MindSpore folds ``ops.zeros`` of a static shape into a graph constant, which writes in place
+    would carry over to the next call."""
+    zero = _CAST(_ZEROS_LIKE(anchor.reshape(-1)[:1]), dtype)
+    return _TILE(zero.reshape((1,) * len(shape)), shape)
+
+
+def write_rows(buffer, rows, values):
+    """``buffer`` (from :func:`loop_buffer`) with rows ``rows (C,)`` int32 set to ``values (C, ...)``, in
+    place (``ScatterUpdate``; no bool kernel: bool buffers go as uint8)."""
+    return _WRITE_ROWS(buffer, rows, values)
+
+
+def add_rows(buffer, rows, values):
+    """``buffer`` (from :func:`loop_buffer`) with ``values (C, ...)`` added to its distinct rows
+    ``rows (C,)`` int32, in place (``ScatterAdd``)."""
+    return _ADD_ROWS(buffer, rows, values)
 
 
 def padded_rows(x, multiple):
@@ -91,13 +125,9 @@ def loop_rows(buckets):
     they cover, and the first row of their graph loops (ranges of several chunks, whose gathers need
     the inputs padded to whole chunks), or the rows' end ``c1`` of the last range if none loops. A
     range of one chunk runs on its own rows (static slices, no loop machinery: the same arithmetic as
-    a loop iteration). Those come first (``chunk_buckets``' sizes do not decrease), so a branch joins
-    their rows and then one slice of its loops' output."""
-    sizes = [bucket[1] - bucket[0] for bucket in buckets]
-    loops = [i for i, size in enumerate(sizes) if size > 1]
-    if loops and min(sizes[loops[0]:]) == 1:
-        raise ValueError(f"loop_rows: one-chunk ranges must come before the loops, got {buckets}")
-    return buckets[0][-2], buckets[loops[0]][-2] if loops else buckets[-1][-1]
+    a loop iteration); a loop writes its range's rows into a buffer of its own."""
+    loops = [bucket for bucket in buckets if bucket[1] - bucket[0] > 1]
+    return buckets[0][-2], loops[0][-2] if loops else buckets[-1][-1]
 
 
 def group_queries(q, kv_heads):

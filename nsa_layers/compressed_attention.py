@@ -15,9 +15,11 @@ from .attention_math import (
     column_tiled,
     group_queries,
     index_range,
+    loop_buffer,
     loop_rows,
     masked_score,
     padded_rows,
+    row_slice,
     row_tiled,
     ungroup_outputs,
     visibility_bias,
@@ -103,30 +105,30 @@ class CompressedAttention(nn.Cell):
         total = q.shape[0]
         buckets = _buckets(total, k.shape[0], self.chunk, self.stride, row_offset)
         _, loop_row = loop_rows(buckets)
-        if loop_row < total:  # whole chunks for the loops' gathers, and their outputs
+        if loop_row < total:  # whole chunks for the loops' gathers
             q_pad, first_pad, ended_pad, position_pad = self._padded(q, first_window, windows_ended, position)
-            out = ops.zeros((q_pad.shape[0], q.shape[1], v.shape[2]), q.dtype)
-            blocks = ops.zeros((q_pad.shape[0], self.kv_heads, self.count), ms.int32)
-            valid = ops.zeros((q_pad.shape[0], self.kv_heads, self.count), ms.bool_)
         else:  # every chunk runs on its own rows
             q_pad, first_pad, ended_pad, position_pad = q, first_window, windows_ended, position
-            out, blocks, valid = q, first_window, windows_ended
         k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (Hkv, S, D)
-        pieces = []  # the one-chunk buckets' outputs, in order
+        pieces = []  # each bucket's (out, blocks, valid), in order
         for first, last, slots, c0, c1 in buckets:
             # a bound on the queries' own blocks, plus one
             num_blocks = (row_offset + last * self.chunk - 1) // self.block + 1
             k_reach, v_reach = k_heads[:, :slots], v_heads[:, :slots]
             if last - first == 1:  # one chunk: its rows directly, no loop machinery (the same arithmetic)
-                out_chunk, chosen, used = self._chunk_forward(
-                    q[c0:c1], first_window[c0:c1], windows_ended[c0:c1], position[c0:c1], k_reach, v_reach,
-                    num_blocks)
-                pieces.append((out_chunk, chosen, used))
+                pieces.append(self._chunk_forward(
+                    row_slice(q, c0, c1), row_slice(first_window, c0, c1), row_slice(windows_ended, c0, c1),
+                    row_slice(position, c0, c1), k_reach, v_reach, num_blocks))
                 continue
+            # the bucket's own buffers (each write copies its buffer: the bucket's rows, not all T)
+            rows_in_bucket = (last - first) * self.chunk
+            out = loop_buffer(q, (rows_in_bucket, q.shape[1], v.shape[2]), q.dtype)
+            blocks = loop_buffer(q, (rows_in_bucket, self.kv_heads, self.count), ms.int32)
+            valid = loop_buffer(q, (rows_in_bucket, self.kv_heads, self.count), ms.bool_)
             j = Tensor(first, ms.int32)
             while j < last:
-                rows = self.query_rows + j * self.chunk
-                flat = rows.reshape(-1)
+                rows = self.query_rows + (j - first) * self.chunk  # in the bucket
+                flat = rows.reshape(-1) + c0  # in the queries
                 out_chunk, chosen, used = self._chunk_forward(
                     _GATHER(q_pad, flat, 0), _GATHER(first_pad, flat, 0), _GATHER(ended_pad, flat, 0),
                     _GATHER(position_pad, flat, 0), k_reach, v_reach, num_blocks)
@@ -134,10 +136,7 @@ class CompressedAttention(nn.Cell):
                 blocks = _SCATTER_UPDATE(blocks, rows, chosen)
                 valid = _SCATTER_UPDATE(valid, rows, used)
                 j = j + 1
-        if not pieces:  # every bucket loops
-            return out[:total], blocks[:total], valid[:total]
-        if loop_row < total:  # the loops' rows, after the one-chunk buckets'
-            pieces.append((out[loop_row:total], blocks[loop_row:total], valid[loop_row:total]))
+            pieces.append((row_slice(out, 0, c1 - c0), row_slice(blocks, 0, c1 - c0), row_slice(valid, 0, c1 - c0)))
         if len(pieces) == 1:
             return pieces[0]
         return tuple(_CONCAT_ROWS([piece[i] for piece in pieces]) for i in range(3))
@@ -150,27 +149,27 @@ class CompressedAttention(nn.Cell):
         if loop_row < total:  # as the forward (both arms assign: see attention_math)
             q_pad, first_pad, ended_pad = (padded_rows(x, self.chunk) for x in (q, first_window, windows_ended))
             outputs, d_outputs = padded_rows(out[0], self.chunk), padded_rows(dout[0], self.chunk)
-            d_q = _ZEROS_LIKE(q_pad)
         else:
-            q_pad, first_pad, ended_pad, outputs, d_outputs, d_q = q, first_window, windows_ended, out[0], dout[0], q
+            q_pad, first_pad, ended_pad, outputs, d_outputs = q, first_window, windows_ended, out[0], dout[0]
         k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
         # the key and value gradients are sums over chunks: float32 accumulators
         d_k, d_v = _ZEROS_LIKE(p.stats(k_heads)), _ZEROS_LIKE(p.stats(v_heads))
-        pieces = []  # the one-chunk buckets' d_q, in order
+        pieces = []  # each bucket's d_q, in order
         for first, last, slots, c0, c1 in buckets:
             k_reach, v_reach = k_heads[:, :slots], v_heads[:, :slots]
             if last - first == 1:  # one chunk, as the forward
                 d_q_chunk, dk_chunk, dv_chunk = self._chunk_backward(
-                    q[c0:c1], first_window[c0:c1], windows_ended[c0:c1], k_reach, v_reach, out[0][c0:c1],
-                    dout[0][c0:c1])
+                    row_slice(q, c0, c1), row_slice(first_window, c0, c1), row_slice(windows_ended, c0, c1), k_reach,
+                    v_reach, row_slice(out[0], c0, c1), row_slice(dout[0], c0, c1))
                 pieces.append(d_q_chunk)
                 d_k_reach, d_v_reach = p.stats(dk_chunk), p.stats(dv_chunk)
             else:
                 d_k_reach, d_v_reach = _ZEROS_LIKE(p.stats(k_reach)), _ZEROS_LIKE(p.stats(v_reach))
+                d_q = loop_buffer(q, ((last - first) * self.chunk,) + q.shape[1:], q.dtype)  # the bucket's, as forward
                 j = Tensor(first, ms.int32)
                 while j < last:
-                    rows = self.query_rows + j * self.chunk
-                    flat = rows.reshape(-1)
+                    rows = self.query_rows + (j - first) * self.chunk
+                    flat = rows.reshape(-1) + c0
                     dq_chunk, dk_chunk, dv_chunk = self._chunk_backward(
                         _GATHER(q_pad, flat, 0), _GATHER(first_pad, flat, 0), _GATHER(ended_pad, flat, 0), k_reach,
                         v_reach, _GATHER(outputs, flat, 0), _GATHER(d_outputs, flat, 0))
@@ -178,13 +177,13 @@ class CompressedAttention(nn.Cell):
                     d_k_reach = d_k_reach + p.stats(dk_chunk)
                     d_v_reach = d_v_reach + p.stats(dv_chunk)
                     j = j + 1
+                pieces.append(row_slice(d_q, 0, c1 - c0))
             if slots < k.shape[0]:  # the slots the range does not reach get no gradient from it
                 d_k = d_k + _CONCAT_SLOTS((d_k_reach, _ZEROS_LIKE(d_k[:, slots:])))
                 d_v = d_v + _CONCAT_SLOTS((d_v_reach, _ZEROS_LIKE(d_v[:, slots:])))
             else:
                 d_k = d_k + d_k_reach
                 d_v = d_v + d_v_reach
-        pieces = pieces + ([d_q[loop_row:total]] if loop_row < total else [])  # the loops' rows last
         d_q = pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
         return (d_q, p.hold(d_k).transpose(1, 0, 2), p.hold(d_v).transpose(1, 0, 2),
                 _ZEROS_LIKE(first_window), _ZEROS_LIKE(windows_ended), _ZEROS_LIKE(position), 0)

@@ -23,10 +23,12 @@ from .attention_math import (
     column_tiled,
     group_queries,
     index_range,
+    loop_buffer,
     loop_rows,
     masked_score,
     padded_rows,
     row_dot,
+    row_slice,
     row_tiled,
     ungroup_outputs,
     visibility_bias,
@@ -276,7 +278,7 @@ class SelectedAttention(nn.Cell):
             grouped = self.block_grouped(q, self.block_grouped.block_major(k, layout["block_starts"]),
                                          self.block_grouped.block_major(v, layout["block_starts"]), blocks, valid,
                                          queries["first_block"], queries["position"], offset)
-            outs.append(grouped[dense * chunk:])
+            outs.append(row_slice(grouped, dense * chunk, grouped.shape[0]))
         return outs[0] if len(outs) == 1 else ops.cat(outs, 0)
 
 
@@ -376,31 +378,29 @@ class BlockGroupedSelectedAttention(nn.Cell):
         total = q.shape[0]
         buckets = self._buckets(total, k_blocks.shape[0], row_offset)
         first_row, loop_row = loop_rows(buckets)
-        if loop_row < total:  # whole chunks for the loops' gathers, and their outputs
+        if loop_row < total:  # whole chunks for the loops' gathers
             rows_in = self._padded(q, blocks, valid, first_block, position)
-            out = ops.zeros((rows_in[0].shape[0], q.shape[1], v_blocks.shape[1] // self.block), q.dtype)
         else:  # every chunk runs on its own rows
-            rows_in, out = (q, blocks, valid, first_block, position), q
-        pieces = []  # the one-chunk buckets' outputs, in order
+            rows_in = (q, blocks, valid, first_block, position)
+        # rows before the buckets' are left 0
+        pieces = [ops.zeros((first_row,) + q.shape[1:-1] + (v_blocks.shape[1] // self.block,), q.dtype)] \
+            if first_row > 0 else []
         for first, last, num_blocks, c0, c1 in buckets:
             if last - first == 1:  # one chunk: its rows directly, no loop machinery (the same arithmetic)
-                pieces.append(self._chunk_forward(tuple(x[c0:c1] for x in (q, blocks, valid, first_block, position)),
-                                                  k_blocks, v_blocks, num_blocks))
+                rows_chunk = tuple(row_slice(x, c0, c1) for x in (q, blocks, valid, first_block, position))
+                pieces.append(self._chunk_forward(rows_chunk, k_blocks, v_blocks, num_blocks))
                 continue
+            # the bucket's own buffer (each write copies it: the bucket's rows, not all T)
+            out = loop_buffer(q, ((last - first) * self.chunk, q.shape[1], v_blocks.shape[1] // self.block), q.dtype)
             j = Tensor(first, ms.int32)
             while j < last:
-                rows = self.query_rows + j * self.chunk
-                flat = rows.reshape(-1)
+                rows = self.query_rows + (j - first) * self.chunk  # in the bucket
+                flat = rows.reshape(-1) + c0  # in the queries
                 out_chunk = self._chunk_forward(tuple(_GATHER(x, flat, 0) for x in rows_in), k_blocks, v_blocks,
                                                 num_blocks)
                 out = _SCATTER_UPDATE(out, rows, out_chunk)
                 j = j + 1
-        if not pieces:  # every bucket loops: their buffer, zero before their rows
-            return out[:total]
-        if loop_row < total:  # the loops' rows, after the one-chunk buckets'
-            pieces.append(out[loop_row:total])
-        if first_row > 0:  # rows before the buckets' are left 0
-            pieces = [ops.zeros((first_row,) + pieces[0].shape[1:], q.dtype)] + pieces
+            pieces.append(row_slice(out, 0, c1 - c0))
         return pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
 
     def bprop(self, q, k_blocks, v_blocks, blocks, valid, first_block, position, row_offset, out, dout):
@@ -411,25 +411,25 @@ class BlockGroupedSelectedAttention(nn.Cell):
         if loop_row < total:  # as the forward (both arms assign: see attention_math)
             rows_in = self._padded(q, blocks, valid, first_block, position)
             out_rows, dout_rows = padded_rows(out, self.chunk), padded_rows(dout, self.chunk)
-            d_q = _ZEROS_LIKE(rows_in[0])
         else:
-            rows_in, out_rows, dout_rows, d_q = (q, blocks, valid, first_block, position), out, dout, q
+            rows_in, out_rows, dout_rows = (q, blocks, valid, first_block, position), out, dout
         # a block's gradient sums over the tiles that read it: float32 accumulators
         d_k, d_v = _ZEROS_LIKE(p.stats(k_blocks)), _ZEROS_LIKE(p.stats(v_blocks))
-        pieces = []  # the one-chunk buckets' d_q, in order
+        pieces = [_ZEROS_LIKE(row_slice(q, 0, first_row))] if first_row > 0 else []  # rows before the buckets': 0
         for first, last, num_blocks, c0, c1 in buckets:
             if last - first == 1:  # one chunk, as the forward
                 d_q_chunk, d_k_chunk, d_v_chunk = self._chunk_backward(
-                    tuple(x[c0:c1] for x in (q, blocks, valid, first_block, position)), k_blocks, v_blocks,
-                    out[c0:c1], dout[c0:c1], num_blocks)
+                    tuple(row_slice(x, c0, c1) for x in (q, blocks, valid, first_block, position)), k_blocks,
+                    v_blocks, row_slice(out, c0, c1), row_slice(dout, c0, c1), num_blocks)
                 pieces.append(d_q_chunk)
                 d_k = d_k + d_k_chunk
                 d_v = d_v + d_v_chunk
             else:
+                d_q = loop_buffer(q, ((last - first) * self.chunk,) + q.shape[1:], q.dtype)  # the bucket's, as forward
                 j = Tensor(first, ms.int32)
                 while j < last:
-                    rows = self.query_rows + j * self.chunk
-                    flat = rows.reshape(-1)
+                    rows = self.query_rows + (j - first) * self.chunk
+                    flat = rows.reshape(-1) + c0
                     d_q_rows, d_k_chunk, d_v_chunk = self._chunk_backward(
                         tuple(_GATHER(x, flat, 0) for x in rows_in), k_blocks, v_blocks, _GATHER(out_rows, flat, 0),
                         _GATHER(dout_rows, flat, 0), num_blocks)
@@ -437,12 +437,8 @@ class BlockGroupedSelectedAttention(nn.Cell):
                     d_k = d_k + d_k_chunk
                     d_v = d_v + d_v_chunk
                     j = j + 1
-        if loop_row > first_row:  # one-chunk buckets: rows before them get no gradient, the loops' rows last
-            pieces = ([_ZEROS_LIKE(q[:first_row])] if first_row > 0 else []) + pieces + (
-                [d_q[loop_row:total]] if loop_row < total else [])
-            d_q = pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
-        else:  # every bucket loops: the loops' buffer has zero rows before theirs
-            d_q = d_q[:total]
+                pieces.append(row_slice(d_q, 0, c1 - c0))
+        d_q = pieces[0] if len(pieces) == 1 else _CONCAT_ROWS(pieces)
         return (d_q, p.hold(d_k), p.hold(d_v), _ZEROS_LIKE(blocks), _ZEROS_LIKE(valid),
                 _ZEROS_LIKE(first_block), _ZEROS_LIKE(position), 0)
 

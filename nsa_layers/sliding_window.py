@@ -7,17 +7,21 @@ from mindspore import Tensor, nn, ops
 from mindspore.ops import constexpr
 
 from .attention_math import (
+    add_rows,
     attention_backward,
     attention_forward,
     attention_probs,
     column_tiled,
     group_queries,
+    loop_buffer,
     masked_score,
     padded_rows,
+    row_slice,
     ungroup_outputs,
     visibility_bias,
+    write_rows,
 )
-from .precision import precision_of
+from .precision import STATS_DTYPE, precision_of
 
 __all__ = ["SlidingWindowAttention", "window_chunk_size", "window_reach"]
 
@@ -39,8 +43,6 @@ def window_reach(position, window):
 
 # primitives in what bprop calls (see attention_math)
 _GATHER = ops.Gather()
-_SCATTER_UPDATE = ops.TensorScatterUpdate()
-_SCATTER_ADD = ops.TensorScatterAdd()
 _CONCAT_ROWS = ops.Concat(0)
 _CAST = ops.Cast()
 _MINIMUM = ops.Minimum()
@@ -127,15 +129,15 @@ class SlidingWindowAttention(nn.Cell):
         q, position = padded_rows(q, self.chunk), padded_rows(position, self.chunk)
         k_rows = self._key_rows(k, self.k_front, row_offset, q.shape[0])
         v_rows = self._key_rows(v, self.v_front, row_offset, q.shape[0])
-        out = ops.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
+        out = loop_buffer(q, (q.shape[0], q.shape[1], v.shape[2]), q.dtype)
         j = Tensor(0, ms.int32)
         while j < q.shape[0] // self.chunk:
             rows = self.query_rows + j * self.chunk
             q_chunk, k_chunk, v_chunk, bias = self._chunk(q, k_rows, v_rows, position, j)
             out_chunk = attention_forward(q_chunk, k_chunk, v_chunk, bias, self.scale, self.precision)[0]
-            out = _SCATTER_UPDATE(out, rows, ungroup_outputs(out_chunk, self.chunk))
+            out = write_rows(out, rows.reshape(-1), ungroup_outputs(out_chunk, self.chunk))
             j = j + 1
-        return out[:total]
+        return row_slice(out, 0, total)
 
     def bprop(self, q, k, v, position, row_offset, out, dout):
         total = q.shape[0]
@@ -157,7 +159,9 @@ class SlidingWindowAttention(nn.Cell):
         k_rows = self._key_rows(k, self.k_front, row_offset, q.shape[0])
         v_rows = self._key_rows(v, self.v_front, row_offset, q.shape[0])
         # a key row's gradient sums over the chunks that read it: float32 accumulators
-        d_q, d_k, d_v = _ZEROS_LIKE(q), _ZEROS_LIKE(p.stats(k_rows)), _ZEROS_LIKE(p.stats(v_rows))
+        d_q = loop_buffer(q, q.shape, q.dtype)
+        d_k = loop_buffer(k_rows, k_rows.shape, STATS_DTYPE)
+        d_v = loop_buffer(v_rows, v_rows.shape, STATS_DTYPE)
         j = Tensor(0, ms.int32)
         while j < q.shape[0] // self.chunk:
             rows = self.query_rows + j * self.chunk
@@ -166,12 +170,12 @@ class SlidingWindowAttention(nn.Cell):
             dq_chunk, dk_chunk, dv_chunk = attention_backward(
                 q_chunk, k_chunk, v_chunk, probs, self._grouped(out, rows), self._grouped(dout, rows), self.scale, p)
             key_rows = self.key_rows + j * self.chunk
-            d_q = _SCATTER_UPDATE(d_q, rows, ungroup_outputs(dq_chunk, self.chunk))
-            d_k = _SCATTER_ADD(d_k, key_rows, p.stats(dk_chunk).transpose(1, 0, 2))
-            d_v = _SCATTER_ADD(d_v, key_rows, p.stats(dv_chunk).transpose(1, 0, 2))
+            d_q = write_rows(d_q, rows.reshape(-1), ungroup_outputs(dq_chunk, self.chunk))
+            d_k = add_rows(d_k, key_rows.reshape(-1), p.stats(dk_chunk).transpose(1, 0, 2))
+            d_v = add_rows(d_v, key_rows.reshape(-1), p.stats(dv_chunk).transpose(1, 0, 2))
             j = j + 1
-        return (d_q[:total], p.hold(self._key_grad(d_k, k, row_offset)), p.hold(self._key_grad(d_v, v, row_offset)),
-                _ZEROS_LIKE(position[:total]), 0)
+        return (row_slice(d_q, 0, total), p.hold(self._key_grad(d_k, k, row_offset)),
+                p.hold(self._key_grad(d_v, v, row_offset)), _ZEROS_LIKE(row_slice(position, 0, total)), 0)
 
     def _key_rows(self, x, front, row_offset, rows):
         """The key rows the ``rows`` (padded) queries from ``row_offset`` on read: from ``w - 1`` before
