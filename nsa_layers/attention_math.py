@@ -70,10 +70,10 @@ def row_slice(x, start, stop):
 
 
 def loop_buffer(anchor, shape, dtype):
-    """Zeros of static ``shape`` and ``dtype`` for a graph loop to fill in place (:func:`write_rows`,
-    :func:`add_rows`), computed from the tensor ``anchor`` so that every call makes a new buffer:
-    MindSpore folds ``ops.zeros`` of a static shape into a graph constant, which writes in place
-    would carry over to the next call."""
+    """Zeros of static ``shape`` and ``dtype`` for a graph loop to fill (primitives only: bprops call
+    it), computed from the tensor ``anchor`` so that every call makes a new buffer: MindSpore folds
+    ``ops.zeros`` of a static shape into a graph constant, which writes in place (:func:`write_rows`,
+    :func:`add_rows`) would carry over to the next call."""
     zero = _CAST(_ZEROS_LIKE(anchor.reshape(-1)[:1]), dtype)
     return _TILE(zero.reshape((1,) * len(shape)), shape)
 

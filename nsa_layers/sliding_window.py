@@ -43,6 +43,7 @@ def window_reach(position, window):
 
 # primitives in what bprop calls (see attention_math)
 _GATHER = ops.Gather()
+_SCATTER_UPDATE = ops.TensorScatterUpdate()
 _CONCAT_ROWS = ops.Concat(0)
 _CAST = ops.Cast()
 _MINIMUM = ops.Minimum()
@@ -129,13 +130,15 @@ class SlidingWindowAttention(nn.Cell):
         q, position = padded_rows(q, self.chunk), padded_rows(position, self.chunk)
         k_rows = self._key_rows(k, self.k_front, row_offset, q.shape[0])
         v_rows = self._key_rows(v, self.v_front, row_offset, q.shape[0])
-        out = loop_buffer(q, (q.shape[0], q.shape[1], v.shape[2]), q.dtype)
+        # not in place: an in-place write here fails to compile in a forward-only graph of MindFormers'
+        # model ("Found not specialized node"); the backward's are (docs/design.md)
+        out = ops.zeros((q.shape[0], q.shape[1], v.shape[2]), q.dtype)
         j = Tensor(0, ms.int32)
         while j < q.shape[0] // self.chunk:
             rows = self.query_rows + j * self.chunk
             q_chunk, k_chunk, v_chunk, bias = self._chunk(q, k_rows, v_rows, position, j)
             out_chunk = attention_forward(q_chunk, k_chunk, v_chunk, bias, self.scale, self.precision)[0]
-            out = write_rows(out, rows.reshape(-1), ungroup_outputs(out_chunk, self.chunk))
+            out = _SCATTER_UPDATE(out, rows, ungroup_outputs(out_chunk, self.chunk))
             j = j + 1
         return row_slice(out, 0, total)
 
