@@ -80,7 +80,7 @@ def loop_buffer(anchor, shape, dtype):
 
 def write_rows(buffer, rows, values):
     """``buffer`` (from :func:`loop_buffer`) with rows ``rows (C,)`` int32 set to ``values (C, ...)``, in
-    place (``ScatterUpdate``; no bool kernel: bool buffers go as uint8)."""
+    place (``ScatterUpdate``, which has no bool kernel)."""
     return _WRITE_ROWS(buffer, rows, values)
 
 

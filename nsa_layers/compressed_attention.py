@@ -122,9 +122,9 @@ class CompressedAttention(nn.Cell):
                 continue
             # the bucket's own buffers (each write copies its buffer: the bucket's rows, not all T)
             rows_in_bucket = (last - first) * self.chunk
-            out = loop_buffer(q, (rows_in_bucket, q.shape[1], v.shape[2]), q.dtype)
-            blocks = loop_buffer(q, (rows_in_bucket, self.kv_heads, self.count), ms.int32)
-            valid = loop_buffer(q, (rows_in_bucket, self.kv_heads, self.count), ms.bool_)
+            out = ops.zeros((rows_in_bucket, q.shape[1], v.shape[2]), q.dtype)
+            blocks = ops.zeros((rows_in_bucket, self.kv_heads, self.count), ms.int32)
+            valid = ops.zeros((rows_in_bucket, self.kv_heads, self.count), ms.bool_)
             j = Tensor(first, ms.int32)
             while j < last:
                 rows = self.query_rows + (j - first) * self.chunk  # in the bucket

@@ -391,7 +391,7 @@ class BlockGroupedSelectedAttention(nn.Cell):
                 pieces.append(self._chunk_forward(rows_chunk, k_blocks, v_blocks, num_blocks))
                 continue
             # the bucket's own buffer (each write copies it: the bucket's rows, not all T)
-            out = loop_buffer(q, ((last - first) * self.chunk, q.shape[1], v_blocks.shape[1] // self.block), q.dtype)
+            out = ops.zeros(((last - first) * self.chunk, q.shape[1], v_blocks.shape[1] // self.block), q.dtype)
             j = Tensor(first, ms.int32)
             while j < last:
                 rows = self.query_rows + (j - first) * self.chunk  # in the bucket
